@@ -1,0 +1,75 @@
+"""Load a sab checkpoint into a dense transformers model (reference and evaluation path).
+
+Every quantized linear gets ``W_hat`` from :func:`vllm_sab.format.dequantize`,
+so the model computes exactly what the packed checkpoint encodes. Tests compare
+vLLM serving the packed checkpoint against this model token by token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from vllm_sab import format as fmt
+
+from .models import adapter_for
+
+
+def load_dequantized(model_dir: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Build the transformers model of a sab checkpoint with dequantized dense weights.
+
+    Args:
+        model_dir: a sab checkpoint folder (``config.json`` + ``*.safetensors``).
+        dtype: dtype of the returned model (default: the checkpoint's ``dtype``
+            / ``torch_dtype``, else float32). ``W_hat`` is computed in float32
+            and cast.
+
+    Returns:
+        The model in eval mode on CPU.
+
+    Raises:
+        FormatError: the checkpoint is not valid format v1.
+        ValueError: a tensor of the model is missing from the checkpoint.
+    """
+    import transformers
+
+    model_dir = Path(model_dir)
+    qc = fmt.validate_checkpoint(model_dir)
+    raw = json.loads((model_dir / "config.json").read_text())
+    raw.pop("quantization_config", None)
+    config = transformers.AutoConfig.for_model(**raw)
+    adapter = adapter_for(model_dir, config)
+    if dtype is None:
+        name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        dtype = getattr(torch, name) if isinstance(name, str) else torch.float32
+    cls = getattr(transformers, config.architectures[0])
+
+    state: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            for key in fh.keys():
+                mod, _, suffix = key.rpartition(".")
+                if mod in qc.modules and suffix in fmt.ALL_SUFFIXES:
+                    packed.setdefault(mod, {})[suffix] = fh.get_tensor(key)
+                else:
+                    state[adapter.memory_name(key)] = fh.get_tensor(key).to(dtype)
+    for mod, tensors in packed.items():
+        w_hat = fmt.dequantize(tensors, qc.profile_of(mod), where=mod).to(dtype)
+        state[adapter.memory_name(f"{mod}.weight")] = w_hat
+
+    # Built on CPU, not on the meta device: non-persistent buffers (rotary
+    # inv_freq) are computed in __init__ and would stay on meta.
+    model = cls(config).to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{model_dir}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.to(dtype).eval()

@@ -1,0 +1,35 @@
+"""vllm-sab: near-1-bit weight binarization for vision-language models, served by vLLM.
+
+Parts (data flows one way):
+
+- ``vllm_sab.calibrate`` (repo folder ``calibrate/``): binarizes a Hugging Face
+  VLM and writes a packed checkpoint (``sab-calibrate``).
+- ``vllm_sab.format``: the packed checkpoint format (single owner of the layout).
+- ``vllm_sab.config`` / ``vllm_sab.linear_method`` / ``vllm_sab.ops``: the vLLM
+  plugin (``--quantization sab``), registered by :func:`register` through the
+  ``vllm.general_plugins`` entry point.
+- ``vllm_sab.kernels`` (repo folder ``kernels/``): Triton and torch GEMV/GEMM.
+
+Importing this package does not import vLLM.
+"""
+
+__version__ = "0.1.0"
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register the ``sab`` quantization method and its custom op with vLLM.
+
+    Called by vLLM in every process (front end, engine core, workers) through
+    the ``vllm.general_plugins`` entry point; idempotent.
+
+    Raises:
+        ImportError: if vLLM is not installed.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from . import config, ops  # noqa: F401  (decorators register on import)
+
+    _REGISTERED = True

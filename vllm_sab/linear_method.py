@@ -1,0 +1,183 @@
+"""vLLM ``LinearMethodBase`` for sab layers: parameters, loading, and ``apply``.
+
+Every tensor of format v1 becomes one parameter. Tensors indexed by output
+rows (``n_dim`` in ``format.tensor_specs``) are vLLM ``ModelWeightParameter``s,
+so vLLM's own loaders shard them for tensor parallelism and place q/k/v and
+gate/up shards of fused layers. Tensors indexed only by input columns (the
+in-block permutation and column scales) are shared by the shards of a fused
+layer: every shard stores the same copy, which is checked on load, and
+row-parallel layers slice them along K.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParameter
+
+from . import format as fmt
+from . import ops
+
+
+class SharedKParameter(BasevLLMParameter):
+    """A parameter indexed by input columns only (``weight_perm``, ``weight_col_scale``).
+
+    Its ``weight_loader`` is set by :class:`SabLinearMethod`; vLLM's
+    per-shard placement does not apply because the tensor has no output dim.
+    """
+
+
+@register_weight_loader_v2_supported_method
+class SabLinearMethod(LinearMethodBase):
+    """Linear method for one sab-quantized vLLM linear (possibly fused).
+
+    Args:
+        profile: the layer's storage profile (shared by all fused shards).
+        prefix: the vLLM module name, used in error messages.
+    """
+
+    def __init__(self, profile: fmt.LayerProfile, prefix: str) -> None:
+        self.profile = profile
+        self.prefix = prefix
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        """Register one parameter per format v1 tensor, with this rank's shapes.
+
+        Raises:
+            FormatError: this rank's K is not a multiple of the block size
+                (e.g. a row-parallel layer at a tensor-parallel size that cuts a block).
+        """
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        k_split = input_size // input_size_per_partition
+        try:
+            specs = fmt.tensor_specs(self.profile, n, k)
+        except fmt.FormatError as e:
+            raise fmt.FormatError(
+                f"{self.prefix}: {e} (input size {input_size} split {k_split} ways by tensor "
+                "parallelism); use a smaller tensor-parallel size or a smaller block size"
+            ) from None
+        vllm_loader = extra_weight_attrs["weight_loader"]
+        layer.sab_loaded = defaultdict(set)
+        layer.sab_expected_shards = _expected_shards(layer)
+        for name, spec in specs.items():
+            data = torch.empty(spec.shape, dtype=spec.dtype)
+            if spec.n_dim is not None:
+                param = ModelWeightParameter(
+                    data=data,
+                    input_dim=spec.k_dim,
+                    output_dim=spec.n_dim,
+                    weight_loader=_checked_loader(layer, name, spec, k_split, vllm_loader, self.prefix),
+                )
+            else:
+                param = SharedKParameter(
+                    data=data, weight_loader=_shared_loader(layer, name, spec, k_split, self.prefix)
+                )
+            layer.register_parameter(name, param)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Check every tensor (and every fused shard of it) was loaded.
+
+        Raises:
+            FormatError: naming the module, tensor and shard that the
+                checkpoint did not provide.
+        """
+        for name in fmt.tensor_specs(self.profile, *_nk(layer)):
+            got = layer.sab_loaded.get(name, set())
+            if None in got:
+                continue
+            missing = layer.sab_expected_shards - got
+            if missing:
+                which = "" if missing == {None} else f" (shards {sorted(map(str, missing))})"
+                raise fmt.FormatError(f"{self.prefix}: tensor '{name}' missing from the checkpoint{which}")
+        del layer.sab_loaded
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y = x W_hat^T (+ bias) through the ``sab::linear`` custom op."""
+        tensors = {name: getattr(layer, name) for name in _present(layer)}
+        y = ops.linear(x, tensors, self.profile)
+        return y if bias is None else y + bias
+
+
+def _present(layer: torch.nn.Module) -> list[str]:
+    return [name for name in fmt.ALL_SUFFIXES if name in layer._parameters]
+
+
+def _nk(layer: torch.nn.Module) -> tuple[int, int]:
+    packed = layer._parameters[fmt.PACKED]
+    return packed.shape[0], packed.shape[1] * fmt.WORD_BITS
+
+
+def _expected_shards(layer: torch.nn.Module) -> set:
+    if isinstance(layer, QKVParallelLinear):
+        return {"q", "k", "v"}
+    if isinstance(layer, MergedColumnParallelLinear):
+        return set(range(len(layer.output_sizes)))
+    return {None}
+
+
+def _record(layer: torch.nn.Module, name: str, shard_id: Any) -> None:
+    ids = shard_id if isinstance(shard_id, tuple) else (shard_id,)
+    layer.sab_loaded[name].update(ids)
+
+
+def _check_meta(loaded: torch.Tensor, name: str, spec: fmt.TensorSpec, k_split: int, prefix: str) -> None:
+    """Check dtype and every non-row dim of a checkpoint tensor (full-K shape on disk)."""
+    if loaded.dtype != spec.dtype:
+        raise fmt.FormatError(
+            f"{prefix}.{name}: checkpoint dtype {loaded.dtype}, expected {spec.dtype} (format v1)"
+        )
+    want = list(spec.shape)
+    want[spec.k_dim] *= k_split
+    got = list(loaded.shape)
+    if len(got) != len(want) or any(
+        g != w for d, (g, w) in enumerate(zip(got, want)) if d != spec.n_dim
+    ):
+        shown = ["N" if d == spec.n_dim else w for d, w in enumerate(want)]
+        raise fmt.FormatError(f"{prefix}.{name}: checkpoint shape {got}, expected {shown} (format v1)")
+
+
+def _checked_loader(
+    layer: torch.nn.Module, name: str, spec: fmt.TensorSpec, k_split: int, vllm_loader: Callable, prefix: str
+) -> Callable:
+    def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        _check_meta(loaded_weight, name, spec, k_split, prefix)
+        vllm_loader(param, loaded_weight, *args, **kwargs)
+        _record(layer, name, args[0] if args else kwargs.get("loaded_shard_id"))
+
+    return load
+
+
+def _shared_loader(
+    layer: torch.nn.Module, name: str, spec: fmt.TensorSpec, k_split: int, prefix: str
+) -> Callable:
+    def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        _check_meta(loaded_weight, name, spec, k_split, prefix)
+        if k_split > 1:
+            local = param.data.shape[spec.k_dim]
+            loaded_weight = loaded_weight.narrow(spec.k_dim, layer.tp_rank * local, local)
+        if layer.sab_loaded.get(name) and not torch.equal(param.data, loaded_weight.to(param.device)):
+            raise fmt.FormatError(
+                f"{prefix}.{name}: fused shards store different values; sab needs the shards of a "
+                "fused layer (q/k/v, gate/up) to share their K-indexed tensors (calibrate with sab-calibrate)"
+            )
+        param.data.copy_(loaded_weight)
+        _record(layer, name, shard_id)
+
+    return load
