@@ -532,6 +532,12 @@ def compose(c: BinaryComponents) -> torch.Tensor:
     p = c.profile
     n, k = c.shape
     b, nb = p.block_size, k // p.block_size
+    if p.num_slots == 1 and not p.offset:
+        # One slot, no offset (sign profile, with or without column scale): skip the zone gathers.
+        a = c.scale.float()  # [N, nb, 1] broadcasts over the block
+        if c.col_scale is not None:
+            a = a * c.col_scale.float().view(1, nb, b)
+        return (a * c.signs.view(n, nb, b).float()).reshape(n, k)
     z = zone_of(c).view(n, nb, b)
     scale = c.scale.float()
     col = c.col_scale.float() if c.col_scale is not None else None
