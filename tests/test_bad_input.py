@@ -1,0 +1,169 @@
+"""Bad input gets a clear error naming the problem, and no half-written output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_sab import format as fmt
+from vllm_sab.calibrate import OutputExistsError, UnsupportedArchitectureError, calibrate
+from vllm_sab.calibrate.cli import main as cli_main
+from vllm_sab.calibrate.methods import METHODS, SignMethod
+
+Q_PROJ = "model.language_model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def sign_ckpt(tmp_path_factory):
+    """A valid sign checkpoint of the tiny LLaVA (module-scoped; tests copy it)."""
+    from vllm_sab.testing import build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("bad-input")
+    src = build_tiny_vlm("llava", root / "tiny")
+    return calibrate(src, root / "sab", progress=False)
+
+
+def _broken_copy(src, dst, edit_tensors=None, edit_qc=None):
+    shutil.copytree(src, dst)
+    if edit_tensors:
+        (f,) = list(dst.glob("*.safetensors"))
+        tensors = load_file(f)
+        edit_tensors(tensors)
+        save_file(tensors, f, metadata={"format": "pt"})
+    if edit_qc:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_qc(cfg["quantization_config"])
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _drop(t):
+    del t[f"{Q_PROJ}.weight_scale"]
+
+
+def _reshape(t):
+    t[f"{Q_PROJ}.weight_scale"] = torch.zeros(256, 2, 2, dtype=torch.float16)
+
+
+def _retype(t):
+    t[f"{Q_PROJ}.weight_packed"] = t[f"{Q_PROJ}.weight_packed"].to(torch.int64)
+
+
+def _version(qc):
+    qc["format_version"] = 99
+
+
+def _block(qc):
+    # K = 256 is not a multiple of a 96-column block.
+    qc["profiles"][next(iter(qc["profiles"]))]["block_size"] = 96
+
+
+CASES = {
+    "missing tensor": (dict(edit_tensors=_drop), r"q_proj.*missing tensor 'weight_scale'"),
+    "wrong shape": (dict(edit_tensors=_reshape), r"q_proj\.weight_scale: shape \[256, 2, 2\], expected \[256, 2, 1\]"),
+    "wrong dtype": (dict(edit_tensors=_retype), r"q_proj\.weight_packed: dtype I64, expected I32"),
+    "unknown format_version": (dict(edit_qc=_version), r"unknown format_version 99"),
+    "K not a multiple of the block size": (dict(edit_qc=_block), r"modules\.model\.language_model\.layers\.\d+\.\S+: weight shape \[\d+, \d+\]: K=\d+ must be a positive multiple of block_size=96"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_validate_checkpoint_names_the_problem(sign_ckpt, tmp_path, case):
+    """validate_checkpoint rejects each broken checkpoint with a message naming the tensor/option."""
+    kwargs, pattern = CASES[case]
+    bad = _broken_copy(sign_ckpt, tmp_path / "bad", **kwargs)
+    with pytest.raises(fmt.FormatError, match=pattern):
+        fmt.validate_checkpoint(bad)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_vllm_refuses_broken_checkpoint(sign_ckpt, tmp_path, make_llm, case):
+    """vLLM with the sab plugin refuses each broken checkpoint with the same clear message."""
+    kwargs, pattern = CASES[case]
+    bad = _broken_copy(sign_ckpt, tmp_path / "bad", **kwargs)
+    with pytest.raises(Exception, match=pattern):
+        make_llm(bad, quantization="sab")
+
+
+@pytest.mark.vllm
+def test_vllm_loader_refuses_fused_shards_that_disagree(tiny_vlm, tmp_path, make_llm, monkeypatch):
+    """Fused q/k/v shards must share their K-indexed tensors; the loader names the tensor otherwise."""
+    from test_e2e import AllPartsMethod
+
+    monkeypatch.setitem(METHODS, AllPartsMethod.name, AllPartsMethod)
+    good = calibrate(tiny_vlm("llava"), tmp_path / "good", method=AllPartsMethod.name, progress=False)
+    k_proj = Q_PROJ.replace("q_proj", "k_proj")
+
+    def flip(t):
+        t[f"{k_proj}.weight_col_scale"] = t[f"{k_proj}.weight_col_scale"] * 2
+
+    bad = _broken_copy(good, tmp_path / "bad", edit_tensors=flip)
+    fmt.validate_checkpoint(bad)  # headers are fine: only the loader can see this
+    with pytest.raises(Exception, match=r"qkv_proj\.weight_col_scale: fused shards store different values"):
+        make_llm(bad, quantization="sab")
+
+
+def test_unsupported_architecture(tmp_path):
+    """A model type without an adapter fails before loading weights, naming the type and the supported ones."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=100).save_pretrained(tmp_path / "llama")
+    with pytest.raises(UnsupportedArchitectureError, match=r"model_type 'llama'.*supports \['llava', 'qwen2_5_vl', 'qwen2_vl'\]"):
+        calibrate(tmp_path / "llama", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_user_errors_with_exit_code_2(tmp_path, capsys, tiny_vlm):
+    """sab-calibrate prints one clear line and exits 2 on a user error (existing output)."""
+    (tmp_path / "out").mkdir()
+    code = cli_main(["--model", str(tiny_vlm("llava")), "--output", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+
+
+def test_block_size_that_does_not_divide_k(tmp_path, tiny_vlm):
+    """A block size that does not divide a decoder linear's K is refused, naming the module."""
+    with pytest.raises(fmt.FormatError, match=r"layers\.0\.self_attn\.q_proj: K=256 is not a multiple of block_size=96"):
+        calibrate(tiny_vlm("llava"), tmp_path / "out", block_size=96, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_calibration_leaves_nothing(tmp_path, tiny_vlm, monkeypatch):
+    """A calibration that dies half-way leaves neither the output nor a temporary folder."""
+    calls = {"n": 0}
+    original = SignMethod.quantize
+
+    def dies_on_third_group(self, weight):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated failure")
+        return original(self, weight)
+
+    monkeypatch.setattr(SignMethod, "quantize", dies_on_third_group)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        calibrate(tiny_vlm("qwen2_vl"), tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_while_writing_leaves_previous_output(tmp_path, tiny_vlm, monkeypatch):
+    """With --overwrite, a failure during writing keeps the old checkpoint and removes the temporary one."""
+    out = calibrate(tiny_vlm("llava"), tmp_path / "out", progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    import vllm_sab.calibrate.pipeline as pipeline
+
+    def broken_write(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(pipeline, "write_checkpoint", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        calibrate(tiny_vlm("llava"), out, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(OutputExistsError):
+        calibrate(tiny_vlm("llava"), out, progress=False)
