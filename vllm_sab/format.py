@@ -123,6 +123,13 @@ class LayerProfile:
     offset: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("block_size", "zone_bits", "salient"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise FormatError(f"{name} must be an int, got {v!r}")
+        for name in ("salient_zoned", "col_scale", "offset"):
+            if not isinstance(getattr(self, name), bool):
+                raise FormatError(f"{name} must be true or false, got {getattr(self, name)!r}")
         b = self.block_size
         if not isinstance(b, int) or b <= 0 or b % WORD_BITS:
             raise FormatError(f"block_size must be a positive multiple of {WORD_BITS}, got {b!r}")
@@ -722,7 +729,7 @@ class SabQuantizationConfig:
         if qm != QUANT_METHOD:
             raise FormatError(f"{where}: quant_method is {d.get('quant_method')!r}, expected 'sab'")
         version = d.get("format_version")
-        if version not in SUPPORTED_FORMAT_VERSIONS:
+        if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:
             raise FormatError(
                 f"{where}: unknown format_version {version!r}; this vllm-sab reads "
                 f"{list(SUPPORTED_FORMAT_VERSIONS)} (upgrade vllm-sab for newer checkpoints)"
@@ -736,7 +743,7 @@ class SabQuantizationConfig:
         }
         modules = {}
         for name, m in raw_modules.items():
-            if not isinstance(m, Mapping) or m.get("profile") not in profiles:
+            if not isinstance(m, Mapping) or not isinstance(m.get("profile"), str) or m["profile"] not in profiles:
                 raise FormatError(
                     f"{where}.modules.{name}: profile {m.get('profile') if isinstance(m, Mapping) else m!r} "
                     f"is not one of {sorted(profiles)}"
