@@ -457,10 +457,12 @@ def checkpoint_key(arch: str, name: str, key_style: str = "transformers") -> str
     _check_arch(arch)
     if key_style not in KEY_STYLES:
         raise ValueError(f"unknown key_style {key_style!r}; supported: {', '.join(KEY_STYLES)}")
+    # The in-memory -> checkpoint renames (LLaVA's `vision_model.` level) are the
+    # calibrator's: one place knows them.
+    from vllm_sab.calibrate.models import ADAPTERS
+
+    name = ADAPTERS[arch].checkpoint_name(name)
     if arch == "llava":
-        vt = "model.vision_tower."
-        if name.startswith(vt) and not name.startswith(vt + "vision_model."):
-            name = vt + "vision_model." + name[len(vt):]
         if key_style == "hub":
             for old, new in (
                 ("model.language_model.", "language_model.model."),
