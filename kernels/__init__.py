@@ -38,9 +38,7 @@ def triton_available(device: torch.device | str) -> bool:
 def __getattr__(name: str) -> Any:
     # PEP 562 lazy attribute: only `triton_linear` pulls in Triton.
     if name == "triton_linear":
-        module = importlib.import_module(f"{__name__}.triton_linear")
-        # Importing the submodule binds the package attribute `triton_linear` to the module;
-        # rebind it to the function so later lookups get the function without this hook.
-        globals()["triton_linear"] = module.triton_linear
+        module = importlib.import_module(f"{__name__}.triton_kernel")
+        globals()["triton_linear"] = module.triton_linear  # later lookups skip this hook
         return module.triton_linear
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

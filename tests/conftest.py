@@ -35,6 +35,16 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+# Without CUDA, Triton kernels run under Triton's interpreter on CPU tensors. Triton
+# reads this when a kernel is decorated, so it is set once, before any test imports one.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 # Defaults for engines made by `make_llm`; keyword arguments override them.
 LLM_DEFAULTS = dict(
     dtype="float32",

@@ -88,3 +88,15 @@ def test_every_format_part_served_by_vllm_matches_transformers(tiny_vlm, make_ll
     (profile,) = qc.profiles.values()
     assert profile.zone_bits and profile.salient and profile.col_scale and profile.offset
     _check_served_equals_reference(make_llm, ckpt, expect_quantized=2 * 4)
+
+
+@pytest.mark.vllm
+def test_triton_kernel_inside_vllm_matches_transformers(tiny_vlm, make_llm, tmp_path, monkeypatch):
+    """vLLM running the plugin's Triton kernel (interpreter on CPU) gives the reference tokens."""
+    from vllm_sab import kernels, ops
+
+    if not kernels.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        pytest.fail("Triton is installed with vLLM; TRITON_INTERPRET=1 is set by conftest without CUDA")
+    ckpt = calibrate(tiny_vlm("llava"), tmp_path / "sab", method="sign", progress=False)
+    monkeypatch.setattr(ops, "_FORCED_KERNEL", "triton")
+    _check_served_equals_reference(make_llm, ckpt, expect_quantized=2 * 4)
