@@ -107,10 +107,10 @@ def calibrate(
             layer.to(device)
         for group in groups:
             weight = torch.cat([lin.weight.detach().to(device, torch.float32) for _, lin in group])
-            parts = quantizer.quantize(weight).split_rows([lin.out_features for _, lin in group])
-            for (name, lin), comp in zip(group, parts):
+            sizes = [lin.out_features for _, lin in group]
+            parts = quantizer.quantize(weight).split_rows(sizes)
+            for (name, lin), comp, w in zip(group, parts, weight.split(sizes)):
                 tensors = fmt.pack(comp, where=name)
-                w = lin.weight.detach().to(device, torch.float32)
                 rel_err = float((w - fmt.compose(comp)).norm() / w.norm().clamp_min(1e-30))
                 if not torch.isfinite(torch.tensor(rel_err)):
                     raise FloatingPointError(f"{name}: non-finite reconstruction (NaN/Inf in weights?)")

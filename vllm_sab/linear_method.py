@@ -73,6 +73,7 @@ class SabLinearMethod(LinearMethodBase):
                 f"{self.prefix}: {e} (input size {input_size} split {k_split} ways by tensor "
                 "parallelism); use a smaller tensor-parallel size or a smaller block size"
             ) from None
+        self.tensor_names = tuple(specs)  # what apply() passes, fixed per layer
         vllm_loader = extra_weight_attrs["weight_loader"]
         layer.sab_loaded = defaultdict(set)
         layer.sab_expected_shards = _expected_shards(layer)
@@ -110,13 +111,9 @@ class SabLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """y = x W_hat^T (+ bias) through the ``sab::linear`` custom op."""
-        tensors = {name: getattr(layer, name) for name in _present(layer)}
+        tensors = {name: getattr(layer, name) for name in self.tensor_names}
         y = ops.linear(x, tensors, self.profile)
         return y if bias is None else y + bias
-
-
-def _present(layer: torch.nn.Module) -> list[str]:
-    return [name for name in fmt.ALL_SUFFIXES if name in layer._parameters]
 
 
 def _nk(layer: torch.nn.Module) -> tuple[int, int]:

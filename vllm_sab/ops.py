@@ -13,6 +13,7 @@ one (``triton`` on CPU needs ``TRITON_INTERPRET=1``, for tests).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -53,6 +54,11 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available(x.device)
 
 
+# A model has a handful of distinct profiles; rebuilding (and re-validating) one
+# per call would put Python work on every linear of every decode step.
+_profile = functools.lru_cache(maxsize=None)(fmt.LayerProfile)
+
+
 @torch.library.custom_op("sab::linear", mutates_args=())
 def sab_linear(
     x: torch.Tensor,
@@ -83,7 +89,7 @@ def sab_linear(
     """
     global call_count
     call_count += 1
-    profile = fmt.LayerProfile(block_size, zone_bits, salient, salient_zoned, col_scaled, has_offset)
+    profile = _profile(block_size, zone_bits, salient, salient_zoned, col_scaled, has_offset)
     tensors = _tensors(packed, zone, residual, perm, scale, col_scale, offset)
     if use_triton(x):
         from .kernels import triton_linear
