@@ -29,8 +29,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the tensors kept unquantized",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    data = p.add_argument_group("calibration data (methods that use Hessians)")
+    data.add_argument(
+        "--data", default=None,
+        help="'builtin' (default: offline ShapesQA samples), a .jsonl file of {image, text | conversations}, "
+        "or a Hugging Face datasets name or saved folder with image and text columns",
+    )
+    data.add_argument("--image-root", default=None, help="folder that relative image paths in a JSONL file refer to")
+    data.add_argument("--num-samples", type=int, default=128, help="calibration samples")
+    data.add_argument("--max-seq-len", type=int, default=2048, help="tokens per sample at most (image tokens are never cut)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the sample choice")
+    data.add_argument("--skip-bad-samples", action="store_true", help="skip missing/corrupt samples (counted) instead of failing")
+    data.add_argument(
+        "--token-pool", default="all", choices=["all", "text", "atv"],
+        help="tokens of the compensation Hessian: all, text only, or ATV-Pruning's text + drift-selected visual tokens",
+    )
+    data.add_argument("--atv-alpha", type=float, default=1.0, help="ATV pool: visual share multiplier alpha")
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="method option (repeatable), e.g. --option percdamp=0.01 --option salient_columns=4",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (finished layers are not recomputed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _parse_options(items: list[str]) -> dict:
+    """``["k=v", ...]`` -> ``{k: v}`` with v parsed as JSON when possible (numbers, true/false, null)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_sab.format import FormatError
 
     args = build_parser().parse_args(argv)
+    try:
+        options = _parse_options(args.option)
+    except ValueError as e:
+        print(f"sab-calibrate: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = calibrate(
@@ -53,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            data=args.data,
+            num_samples=args.num_samples,
+            max_seq_len=args.max_seq_len,
+            seed=args.seed,
+            skip_bad_samples=args.skip_bad_samples,
+            image_root=args.image_root,
+            token_pool=args.token_pool,
+            atv_alpha=args.atv_alpha,
+            method_options=options,
+            resume=args.resume,
         )
     except (OutputExistsError, UnsupportedArchitectureError, FormatError, ValueError, OSError) as e:
         print(f"sab-calibrate: error: {e}", file=sys.stderr)

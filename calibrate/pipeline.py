@@ -10,6 +10,7 @@ tensors and finally writes the checkpoint atomically with a per-layer report.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from tqdm.auto import tqdm
 
 from vllm_sab import format as fmt
 
+from .layerwise import TOKEN_POOLS, StatsAccumulator, capture_layer_inputs, collect_stats, run_layer
 from .methods import get_method
 from .models import adapter_for, fused_groups
+from .resume import Partial
 from .writer import atomic_output, check_output, write_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,16 @@ def calibrate(
     dtype: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    data: str | None = None,
+    num_samples: int = 128,
+    max_seq_len: int = 2048,
+    seed: int = 0,
+    skip_bad_samples: bool = False,
+    image_root: str | Path | None = None,
+    token_pool: str = "all",
+    atv_alpha: float = 1.0,
+    method_options: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> Path:
     """Binarize a Hugging Face VLM and write a sab checkpoint.
 
@@ -54,7 +67,21 @@ def calibrate(
         dtype: dtype of the unquantized tensors: ``auto`` (the model's), ``float16``,
             ``bfloat16`` or ``float32``.
         overwrite: replace an existing ``output``.
-        progress: show a progress bar over layers.
+        progress: show progress bars (layers, and method steps inside a layer).
+        data: calibration data (``None``/``"builtin"``: the offline ShapesQA
+            default; a ``.jsonl`` file; a ``datasets`` name or saved folder);
+            see :mod:`vllm_sab.calibrate.data`. Unused by data-free methods.
+        num_samples: calibration samples.
+        max_seq_len: tokens per sample at most (image tokens are never cut).
+        seed: seed of the sample choice (the whole run is deterministic for a seed).
+        skip_bad_samples: skip (and count) missing or corrupt samples instead of failing.
+        image_root: folder that relative image paths of a JSONL file refer to.
+        token_pool: tokens of the compensation Hessian: ``all``, ``text`` or
+            ``atv`` (ATV-Pruning's text + drift-selected visual pool).
+        atv_alpha: ATV's alpha (visual share multiplier).
+        method_options: extra constructor options of the method.
+        resume: continue an interrupted run from ``<output>.partial`` (finished
+            layers are loaded, not recomputed).
 
     Returns:
         The output folder.
@@ -62,24 +89,36 @@ def calibrate(
     Raises:
         OutputExistsError: ``output`` exists and ``overwrite`` is False.
         UnsupportedArchitectureError: the model type is not supported.
-        ValueError: unknown method or dtype; the model is already quantized.
+        ValueError: unknown method, dtype or token pool; the model is already
+            quantized; a resume with different settings.
         FormatError: a language-model linear has K not a multiple of ``block_size``.
+        HessianError: a layer's Hessian cannot be inverted (the layer is named).
+        FloatingPointError: NaN/Inf activations or weights (the layer is named).
     """
     t0 = time.time()
     check_output(output, overwrite)
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    if token_pool not in TOKEN_POOLS:
+        raise ValueError(f"unknown token pool {token_pool!r}; choose one of {', '.join(TOKEN_POOLS)}")
     adapter = adapter_for(model)
-    quantizer = get_method(method, block_size=block_size)
+    quantizer = get_method(method, block_size=block_size, **(method_options or {}))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = {
+        "model": str(model), "method": method, "block_size": block_size, "quantize_vision": quantize_vision,
+        "dtype": dtype, "data": data, "num_samples": num_samples, "max_seq_len": max_seq_len, "seed": seed,
+        "token_pool": token_pool, "atv_alpha": atv_alpha, "method_options": method_options or {},
+    }
+    partial = Partial(Path(str(Path(output).resolve()) + ".partial"), settings, resume)
 
     hf = adapter.load(model, _DTYPES[dtype]).eval()
     if getattr(hf.config, "quantization_config", None):
         raise ValueError(f"{model}: already quantized (config.json has a quantization_config)")
     state = hf.state_dict()
 
-    work: list[tuple[nn.Module | None, list[list[tuple[str, nn.Linear]]]]] = []
-    for layer_name, layer in adapter.layers(hf):
+    layers = adapter.layers(hf)
+    layer_groups: list[list[list[tuple[str, nn.Linear]]]] = []
+    for layer_name, layer in layers:
         linears = {f"{layer_name}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         for name, lin in linears.items():
             if lin.in_features % block_size:
@@ -87,68 +126,227 @@ def calibrate(
                     f"{name}: K={lin.in_features} is not a multiple of block_size={block_size}; "
                     "pass a --block-size that divides every decoder linear's input size"
                 )
-        work.append((layer, [[(n, linears[n]) for n in g] for g in fused_groups(linears)]))
+        layer_groups.append([[(n, linears[n]) for n in g] for g in fused_groups(linears)])
+    vision_groups: list[list[tuple[str, nn.Linear]]] = []
     if quantize_vision:
-        vision = adapter.vision_linears(hf)
         kept = {}
-        for name, lin in vision.items():
+        for name, lin in adapter.vision_linears(hf).items():
             if lin.in_features % block_size:
                 logger.warning("%s: K=%d is not a multiple of %d; kept dense", name, lin.in_features, block_size)
             else:
                 kept[name] = lin
-        work.append((None, [[(n, kept[n]) for n in g] for g in fused_groups(kept)]))
+        vision_groups = [[(n, kept[n]) for n in g] for g in fused_groups(kept)]
 
-    profiles: dict[str, fmt.LayerProfile] = {}
-    modules: dict[str, fmt.QuantizedModule] = {}
-    layer_reports: list[dict[str, Any]] = []
-    bar = tqdm(work, desc=f"sab {method}", unit="layer", disable=not progress)
-    for layer, groups in bar:
-        if layer is not None:
+    results = _Results(adapter, state)
+    samples = None
+    if quantizer.needs_stats:
+        samples = _encoded_samples(model, hf, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root)
+        results.calibration = {"data": data or "builtin", "samples": len(samples), "token_pool": token_pool}
+
+    # Vision tower and projector first: the decoder layers then see quantized visual tokens.
+    if vision_groups:
+        stats = None
+        if quantizer.needs_stats:
+            stats = _vision_stats(hf, adapter, vision_groups, samples, device)
+        for group in tqdm(vision_groups, desc="vision", unit="group", disable=not progress):
+            _quantize_group(group, quantizer, stats[group[0][0]] if stats else None, device, results, "vision")
+
+    try:
+        inputs = None
+        if quantizer.needs_stats:
+            inputs = _capture(hf, adapter, samples, device)
+        bar = tqdm(list(zip(layers, layer_groups)), desc=f"sab {method}", unit="layer", disable=not progress)
+        for (layer_name, layer), groups in bar:
             layer.to(device)
-        for group in groups:
-            weight = torch.cat([lin.weight.detach().to(device, torch.float32) for _, lin in group])
-            sizes = [lin.out_features for _, lin in group]
-            parts = quantizer.quantize(weight).split_rows(sizes)
-            for (name, lin), comp, w in zip(group, parts, weight.split(sizes)):
-                tensors = fmt.pack(comp, where=name)
-                rel_err = float((w - fmt.compose(comp)).norm() / w.norm().clamp_min(1e-30))
-                if not torch.isfinite(torch.tensor(rel_err)):
-                    raise FloatingPointError(f"{name}: non-finite reconstruction (NaN/Inf in weights?)")
-                p = comp.profile
-                profiles[p.key] = p
-                modules[adapter.checkpoint_name(name)] = fmt.QuantizedModule(p.key, comp.shape)
-                del state[f"{name}.weight"]
-                state.update({f"{adapter.checkpoint_name(name)}.{s}": t.cpu() for s, t in tensors.items()})
-                n, k = comp.shape
-                layer_reports.append(
-                    {
-                        "name": adapter.checkpoint_name(name),
-                        "shape": [n, k],
-                        "profile": p.key,
-                        "true_bits_per_weight": fmt.true_bits_per_weight(p, n, k),
-                        "paper_weight_bits": fmt.paper_weight_bits(p),
-                        "rel_error": rel_err,
-                    }
-                )
-        if layer is not None:
+            done = partial.load(layer_name)
+            if done is not None:
+                results.restore(done, groups)
+            else:
+                stats = None
+                if quantizer.needs_stats:
+                    reps = {g[0][0]: g[0][1] for g in groups}
+                    stats = collect_stats(layer, reps, inputs, device, token_pool=token_pool, atv_alpha=atv_alpha, where=layer_name)
+                mark = results.mark()
+                for group in tqdm(groups, desc=layer_name.rsplit(".", 1)[-1], unit="group", leave=False, disable=not progress):
+                    _quantize_group(group, quantizer, stats[group[0][0]] if stats else None, device, results, layer_name)
+                partial.save(layer_name, results.since(mark))
+            if inputs is not None:
+                inputs = run_layer(layer, inputs, device, where=layer_name)
             layer.to("cpu")
 
-    state = {adapter.checkpoint_name(k): v for k, v in state.items()}
-    quant_config = fmt.SabQuantizationConfig(profiles, modules, method=method, extra={"block_size": block_size})
-    report = _report(model, method, layer_reports, state, time.time() - t0)
+    except BaseException:
+        if partial.started:
+            logger.error("finished layers are kept in %s; rerun with --resume to continue", partial.folder)
+        raise
+    state = {adapter.checkpoint_name(k): v for k, v in results.state.items()}
+    quant_config = fmt.SabQuantizationConfig(
+        results.profiles, results.modules, method=method, extra={"block_size": block_size}
+    )
+    report = _report(model, method, results.reports, state, time.time() - t0)
+    if results.calibration:
+        report["calibration"] = results.calibration
     with atomic_output(output, overwrite) as tmp:
         hf.config.architectures = [type(hf).__name__]
         write_checkpoint(tmp, state, hf.config.to_diff_dict(), quant_config, report)
         _save_processor(model, hf, tmp)
+    partial.remove()
     out = Path(output).resolve()
     logger.info(
         "wrote %s: %d quantized linears, %.3f true bits/weight, %.1f MB",
         out,
-        len(modules),
+        len(results.modules),
         report["summary"]["true_bits_per_weight"],
         report["summary"]["checkpoint_tensor_bytes"] / 1e6,
     )
     return out
+
+
+class _Results:
+    """Everything the quantization produced so far: tensors, profiles, module list, reports."""
+
+    def __init__(self, adapter, state: dict[str, torch.Tensor]):
+        self.adapter = adapter
+        self.state = state
+        self.profiles: dict[str, fmt.LayerProfile] = {}
+        self.modules: dict[str, fmt.QuantizedModule] = {}
+        self.reports: list[dict[str, Any]] = []
+        self.calibration: dict[str, Any] = {}
+
+    def add(self, name: str, lin: nn.Linear, comp: fmt.BinaryComponents, tensors: dict, report: dict) -> None:
+        p = comp.profile
+        self.profiles[p.key] = p
+        ckpt = self.adapter.checkpoint_name(name)
+        self.modules[ckpt] = fmt.QuantizedModule(p.key, comp.shape)
+        self.state.pop(f"{name}.weight", None)
+        self.state.update({f"{name}.{s}": t.cpu() for s, t in tensors.items()})
+        self.reports.append(report)
+
+    def mark(self) -> int:
+        return len(self.reports)
+
+    def since(self, mark: int) -> list[dict[str, Any]]:
+        """Reports added after ``mark``, each with its module's tensors and profile (for resume)."""
+        out = []
+        for r in self.reports[mark:]:
+            mem = r["memory_name"]
+            suffixes = [k[len(mem) + 1 :] for k in self.state if k.startswith(mem + ".") and k[len(mem) + 1 :] in fmt.ALL_SUFFIXES]
+            out.append({"report": r, "profile": self.profiles[r["profile"]],
+                        "tensors": {s: self.state[f"{mem}.{s}"] for s in suffixes}})
+        return out
+
+    def restore(self, done: list[dict[str, Any]], groups: list[list[tuple[str, nn.Linear]]]) -> None:
+        """Put a finished layer back: tensors into the state, ``W_hat`` into the modules."""
+        linears = {n: lin for g in groups for n, lin in g}
+        for item in done:
+            r, p, tensors = item["report"], item["profile"], item["tensors"]
+            name = r["memory_name"]
+            lin = linears[name]
+            _set_weight(lin, fmt.dequantize(tensors, p, where=name))
+            self.profiles[p.key] = p
+            self.modules[self.adapter.checkpoint_name(name)] = fmt.QuantizedModule(p.key, tuple(r["shape"]))
+            self.state.pop(f"{name}.weight", None)
+            self.state.update({f"{name}.{s}": t for s, t in tensors.items()})
+            self.reports.append(r)
+
+
+def _set_weight(lin: nn.Linear, w_hat: torch.Tensor) -> None:
+    with torch.no_grad():
+        lin.weight.copy_(w_hat.to(lin.weight.device, lin.weight.dtype))
+
+
+def _quantize_group(group, quantizer, stats, device, results: _Results, where: str) -> None:
+    """Quantize one fused group (stacked rows), write ``W_hat`` into its modules, record everything."""
+    weight = torch.cat([lin.weight.detach().to(device, torch.float32) for _, lin in group])
+    if not bool(torch.isfinite(weight).all()):
+        raise FloatingPointError(f"{group[0][0]}: NaN/Inf in the weights")
+    sizes = [lin.out_features for _, lin in group]
+    parts = quantizer.quantize(weight, stats).split_rows(sizes)
+    for (name, lin), comp, w in zip(group, parts, weight.split(sizes)):
+        tensors = fmt.pack(comp, where=name)
+        w_hat = fmt.dequantize(tensors, comp.profile, where=name, check=False)
+        err = w - w_hat
+        rel_err = float(err.norm() / w.norm().clamp_min(1e-30))
+        if not math.isfinite(rel_err):
+            raise FloatingPointError(f"{name}: non-finite reconstruction")
+        n, k = comp.shape
+        report = {
+            "name": results.adapter.checkpoint_name(name),
+            "memory_name": name,
+            "shape": [n, k],
+            "profile": comp.profile.key,
+            "true_bits_per_weight": fmt.true_bits_per_weight(comp.profile, n, k),
+            "paper_weight_bits": fmt.paper_weight_bits(comp.profile),
+            "rel_error": rel_err,
+        }
+        if stats is not None:
+            # Output error on the calibration inputs: tr(E H E^T) / tr(W H W^T).
+            h = stats.hessian
+            num = float(((err @ h) * err).sum())
+            den = float(((w @ h) * w).sum())
+            report["output_rel_error"] = math.sqrt(max(num, 0.0) / max(den, 1e-30))
+        _set_weight(lin, w_hat)
+        results.add(name, lin, comp, tensors, report)
+
+
+def _encoded_samples(model, hf, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root):
+    from transformers import AutoProcessor
+
+    from . import data as calib_data
+
+    processor = AutoProcessor.from_pretrained(str(model))
+    raw = calib_data.load_calibration_data(
+        data, num_samples=num_samples, seed=seed, skip_bad_samples=skip_bad_samples, image_root=image_root
+    )
+    return [calib_data.encode(processor, s, max_seq_len=max_seq_len) for s in raw]
+
+
+def _batches(samples):
+    for enc in samples:
+        yield enc.inputs, enc.visual_mask
+
+
+def _move_except(module: nn.Module, skip: nn.Module, device) -> None:
+    """Move ``module``'s parameters and buffers to ``device``, except those under ``skip``."""
+    if module is skip:
+        return
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for name, buf in list(module.named_buffers(recurse=False)):
+        module._buffers[name] = buf.to(device)
+    for child in module.children():
+        _move_except(child, skip, device)
+
+
+def _capture(hf, adapter, samples, device):
+    """Decoder-layer-0 inputs of every sample; only the non-decoder parts visit ``device``."""
+    layers = hf.get_submodule(adapter.decoder_layers)
+    _move_except(hf, layers, device)
+    try:
+        return capture_layer_inputs(hf, layers[0], _batches(samples), device)
+    finally:
+        _move_except(hf, layers, "cpu")
+
+
+def _vision_stats(hf, adapter, vision_groups, samples, device):
+    """Hessians of the vision tower / projector linears from full-model forwards that stop at the decoder."""
+    reps = {g[0][0]: g[0][1] for g in vision_groups}
+    acc = {n: StatsAccumulator(l.in_features, device) for n, l in reps.items()}
+
+    def make_hook(name):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            acc[name].add(x, mask | True, torch.ones_like(mask))  # every vision-side token is visual
+
+        return hook
+
+    handles = [l.register_forward_pre_hook(make_hook(n)) for n, l in reps.items()]
+    try:
+        _capture(hf, adapter, samples, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.finish() for n, a in acc.items() if a.n}
 
 
 def _report(model, method, layers, state, seconds) -> dict[str, Any]:

@@ -139,7 +139,7 @@ def test_failed_calibration_leaves_nothing(tmp_path, tiny_vlm, monkeypatch):
     calls = {"n": 0}
     original = SignMethod.quantize
 
-    def dies_on_third_group(self, weight):
+    def dies_on_third_group(self, weight, stats=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated failure")
@@ -164,6 +164,10 @@ def test_failure_while_writing_leaves_previous_output(tmp_path, tiny_vlm, monkey
     with pytest.raises(OSError, match="disk full"):
         calibrate(tiny_vlm("llava"), out, overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == before
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    # The finished layers stay in out.partial (the --resume state); no temporary folder is left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial"]
     with pytest.raises(OutputExistsError):
         calibrate(tiny_vlm("llava"), out, progress=False)
+    monkeypatch.undo()
+    calibrate(tiny_vlm("llava"), out, overwrite=True, resume=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -23,7 +23,7 @@ class AllPartsMethod(Method):
 
     name = "test-all-parts"
 
-    def quantize(self, weight: torch.Tensor) -> fmt.BinaryComponents:
+    def quantize(self, weight: torch.Tensor, stats=None) -> fmt.BinaryComponents:
         g = torch.Generator().manual_seed(weight.shape[0] * 7919 + weight.shape[1])
         b, s = self.block_size, 5
         p = fmt.LayerProfile(b, zone_bits=1, salient=s, salient_zoned=True, col_scale=True, offset=True)

@@ -33,6 +33,8 @@ __all__ = [
     "checkpoint_key",
     "build_tiny_vlm",
     "build_tiny_tokenizer",
+    "llava_parts",
+    "save_vlm",
     "tiny_image",
 ]
 
@@ -153,7 +155,7 @@ def _corpus(n_lines: int = 400, seed: int = 1234) -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(arch: str, *, vocab_size: int = 1024):
+def build_tiny_tokenizer(arch: str, *, vocab_size: int = 1024, texts: list[str] | None = None):
     """Train a small byte-level BPE tokenizer for ``arch``, deterministically.
 
     Args:
@@ -163,6 +165,7 @@ def build_tiny_tokenizer(arch: str, *, vocab_size: int = 1024):
             tokens ``<|im_start|>``, ``<|image_pad|>`` ... ) and chat template.
         vocab_size: target vocabulary size including the special tokens (the
             trainer may stop earlier on the small corpus).
+        texts: training corpus (lines); default: built-in pseudo-English lines.
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast`` with a chat template. Nothing
@@ -190,7 +193,7 @@ def build_tiny_tokenizer(arch: str, *, vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else _corpus(), trainer=trainer)
 
     if arch == "llava":
         bos = _LLAVA_SPECIAL["bos"]
@@ -274,25 +277,54 @@ def _text_config(tokenizer, **extra) -> dict:
     return cfg
 
 
-def _llava(tokenizer):
+def llava_parts(
+    tokenizer,
+    *,
+    text: dict | None = None,
+    vision: dict | None = None,
+    image_size: int = _CLIP_IMAGE_SIZE,
+    patch_size: int = _PATCH,
+    init_std: float = _INIT_STD,
+):
+    """A LLaVA-1.5 configuration and processor around ``tokenizer`` (no weights).
+
+    Args:
+        tokenizer: a LLaVA tokenizer from :func:`build_tiny_tokenizer`.
+        text: Llama config overrides (``hidden_size``, ``num_hidden_layers`` ...);
+            default: the tiny test shapes (hidden 256, 2 layers).
+        vision: CLIP vision config overrides (``hidden_size``,
+            ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``).
+        image_size: CLIP input side in pixels.
+        patch_size: CLIP patch side in pixels; ``(image_size // patch_size) ** 2``
+            visual tokens per image.
+        init_std: ``initializer_range`` of both towers.
+
+    Returns:
+        ``(LlavaForConditionalGeneration, LlavaConfig, LlavaProcessor)``.
+    """
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    n_patches = (_CLIP_IMAGE_SIZE // _PATCH) ** 2
+    n_patches = (image_size // patch_size) ** 2
     image_token_id = tokenizer.convert_tokens_to_ids(_LLAVA_SPECIAL["image"])
+    vision_config = dict(
+        model_type="clip_vision_model",
+        hidden_size=_VIS_WIDTH,
+        intermediate_size=_VIS_INTERMEDIATE,
+        num_hidden_layers=_VIS_LAYERS,
+        num_attention_heads=_VIS_HEADS,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_act="quick_gelu",
+        initializer_range=init_std,
+    )
+    vision_config.update(vision or {})
+    vision_config["projection_dim"] = vision_config["hidden_size"]
     config = LlavaConfig(
-        text_config=dict(model_type="llama", **_text_config(tokenizer, head_dim=64, rope_theta=10000.0)),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=_VIS_WIDTH,
-            intermediate_size=_VIS_INTERMEDIATE,
-            num_hidden_layers=_VIS_LAYERS,
-            num_attention_heads=_VIS_HEADS,
-            image_size=_CLIP_IMAGE_SIZE,
-            patch_size=_PATCH,
-            projection_dim=_VIS_WIDTH,
-            hidden_act="quick_gelu",
-            initializer_range=_INIT_STD,
+        text_config=dict(
+            model_type="llama",
+            **_text_config(tokenizer, head_dim=64, rope_theta=10000.0, initializer_range=init_std, **(text or {})),
         ),
+        vision_config=vision_config,
         image_token_index=image_token_id,
         image_seq_length=n_patches,
         projector_hidden_act="gelu",
@@ -305,14 +337,14 @@ def _llava(tokenizer):
         pad_token_id=tokenizer.pad_token_id,
     )
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": _CLIP_IMAGE_SIZE},
-        crop_size={"height": _CLIP_IMAGE_SIZE, "width": _CLIP_IMAGE_SIZE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=_PATCH,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=_LLAVA_CHAT_TEMPLATE,
@@ -412,6 +444,10 @@ def _qwen2_5_vl(tokenizer):
     return Qwen2_5_VLForConditionalGeneration, config, _qwen_processor("qwen2_5_vl", tokenizer)
 
 
+def _llava(tokenizer):
+    return llava_parts(tokenizer)
+
+
 _BUILDERS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl}
 
 
@@ -480,6 +516,75 @@ def checkpoint_key(arch: str, name: str, key_style: str = "transformers") -> str
     return name
 
 
+def save_vlm(model, out_dir: str | Path, *, arch: str, processor, key_style: str = "transformers") -> Path:
+    """Save a transformers VLM as a model folder that both transformers and vLLM load.
+
+    Writes ``config.json`` (with ``architectures``), ``generation_config.json``
+    (greedy, the tokenizer's EOS), ``model.safetensors`` in the model's dtype
+    with keys from :func:`checkpoint_key`, the processor and tokenizer files
+    and ``chat_template.jinja``.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration`` /
+            ``Qwen2_5_VLForConditionalGeneration``.
+        out_dir: folder to write (created if missing; files in it are overwritten).
+        arch: one of :data:`SUPPORTED_TINY_ARCHS`, matching ``model``.
+        processor: the model's processor (its ``tokenizer`` is saved too).
+        key_style: ``"transformers"`` or ``"hub"`` (see :func:`checkpoint_key`).
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: unknown ``arch`` or ``key_style``.
+    """
+    _check_arch(arch)
+    if key_style not in KEY_STYLES:
+        raise ValueError(f"unknown key_style {key_style!r}; supported: {', '.join(KEY_STYLES)}")
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = processor.tokenizer
+    config = model.config
+    model_cls = type(model)
+    # Save config and weights ourselves: transformers 5.19 holds (and
+    # save_pretrained writes) LLaVA's CLIP tower without the "vision_model."
+    # level, which vLLM does not load; see checkpoint_key().
+    config.dtype = next(model.parameters()).dtype
+    config.architectures = [model_cls.__name__]
+    config.save_pretrained(out)
+    eos = tokenizer.eos_token_id
+    if arch != "llava":
+        eos = [eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    ).save_pretrained(out)
+
+    state: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name, t in model.state_dict().items():
+        ident = (t.data_ptr(), tuple(t.shape), t.stride())
+        if t.numel() and ident in seen:  # tied / shared tensor: keep the first name
+            continue
+        seen.add(ident)
+        state[checkpoint_key(arch, name, key_style)] = t.detach().contiguous().clone()
+    weights = out / "model.safetensors"
+    save_file(state, str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)
+
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # Keep the chat template next to the tokenizer too (vLLM's chat endpoint
+    # and AutoTokenizer users read it from there).
+    (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+    return out
+
+
 def build_tiny_vlm(
     arch: str,
     out_dir: str | Path,
@@ -523,9 +628,6 @@ def build_tiny_vlm(
     _check_arch(arch)
     if key_style not in KEY_STYLES:
         raise ValueError(f"unknown key_style {key_style!r}; supported: {', '.join(KEY_STYLES)}")
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -541,38 +643,7 @@ def build_tiny_vlm(
     _init_weights(model, weight_seed)
     model = model.to(dtype).eval()
 
-    # Save config and weights ourselves: transformers 5.19 holds (and
-    # save_pretrained writes) LLaVA's CLIP tower without the "vision_model."
-    # level, which vLLM does not load; see checkpoint_key().
-    config.architectures = [model_cls.__name__]
-    config.save_pretrained(out)
-    eos = tokenizer.eos_token_id
-    if arch != "llava":
-        eos = [eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    ).save_pretrained(out)
-
-    state: dict[str, torch.Tensor] = {}
-    seen: set[tuple] = set()
-    for name, t in model.state_dict().items():
-        ident = (t.data_ptr(), tuple(t.shape), t.stride())
-        if t.numel() and ident in seen:  # tied / shared tensor: keep the first name
-            continue
-        seen.add(ident)
-        state[checkpoint_key(arch, name, key_style)] = t.detach().contiguous().clone()
-    weights = out / "model.safetensors"
-    save_file(state, str(weights), metadata={"format": "pt"})
-    weights.chmod(0o644)
-
-    processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    # Keep the chat template next to the tokenizer too (vLLM's chat endpoint
-    # and AutoTokenizer users read it from there).
-    (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+    save_vlm(model, out, arch=arch, processor=processor, key_style=key_style)
     return out
 
 

@@ -1,27 +1,50 @@
 """Binarization methods: one small unit each, all returning format v1 components.
 
 A method is a callable object with a ``name`` and
-``quantize(weight, profile_args) -> BinaryComponents``; the pipeline never
+``quantize(weight, stats) -> BinaryComponents``; the pipeline never
 names a method, it looks it up here.
 """
 
 from __future__ import annotations
 
-from .base import Method
-from .sign import SignMethod
+import inspect
 
-METHODS: dict[str, type[Method]] = {SignMethod.name: SignMethod}
+from .base import CalibrationStats, Method
+from .arb import ARBRCMethod, ARBXMethod
+from .billm import BiLLMMethod
+from .sign import SignMethod
+from .uniform2 import Uniform2Method
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (SignMethod, BiLLMMethod, ARBXMethod, ARBRCMethod, Uniform2Method)
+}
 
 
 def get_method(name: str, **options) -> Method:
     """Instantiate a method by name.
 
     Raises:
-        ValueError: unknown name, listing the known ones.
+        ValueError: unknown name, listing the known ones; an option the method
+            does not take, listing the ones it does.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name](**options)
+    cls = METHODS[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"method {name!r} has no option {', '.join(unknown)}; its options: {', '.join(accepted)}")
+    return cls(**options)
 
 
-__all__ = ["METHODS", "Method", "SignMethod", "get_method"]
+__all__ = [
+    "ARBRCMethod",
+    "ARBXMethod",
+    "BiLLMMethod",
+    "METHODS",
+    "CalibrationStats",
+    "Method",
+    "SignMethod",
+    "Uniform2Method",
+    "get_method",
+]

@@ -1,7 +1,8 @@
-"""The interface every binarization method implements."""
+"""The interface every binarization method implements, and the statistics it may use."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -9,23 +10,73 @@ import torch
 from vllm_sab.format import BinaryComponents, LayerProfile
 
 
+@dataclass
+class CalibrationStats:
+    """Input statistics of one linear (or one fused group: they share the input).
+
+    Accumulated by the pipeline's forward hooks over the calibration tokens of
+    the layer's (already quantized-upstream) inputs ``x`` (``[tokens, K]``).
+    All tensors are float32 on the compute device.
+
+    Attributes:
+        hessian: ``[K, K]`` ``H = (2 / n_tokens) * sum_t x_t x_t^T`` over the
+            compensation token pool (GPTQ, arXiv 2210.17323 eq. 2; BiLLM and
+            ARB-LLM use it for saliency and block error compensation).
+        n_tokens: tokens behind ``hessian``.
+        hessian_text: ``[K, K]`` the same over text tokens only, or None.
+        hessian_visual: ``[K, K]`` the same over visual (image) tokens only, or None.
+        n_text: tokens behind ``hessian_text``.
+        n_visual: tokens behind ``hessian_visual``.
+        sample_energy_sum: ``[K]`` ``sum_z e_z`` over calibration samples ``z``
+            of the per-sample column energy ``e_z[j] = mean_t x_{z,t,j}^2``, or None.
+        sample_energy_sq: ``[K]`` ``sum_z e_z^2``, or None. With
+            ``sample_energy_sum`` it gives the Hoyer sparsity of every weight's
+            per-sample significance ``h_ij(z) = w_ij^2 e_z[j]`` without storing
+            a per-sample tensor (SAB-LVLM, arXiv 2607.01876, spatial significance map).
+        n_samples: number of calibration samples ``z``.
+    """
+
+    hessian: torch.Tensor
+    n_tokens: int
+    hessian_text: torch.Tensor | None = None
+    hessian_visual: torch.Tensor | None = None
+    n_text: int = 0
+    n_visual: int = 0
+    sample_energy_sum: torch.Tensor | None = None
+    sample_energy_sq: torch.Tensor | None = None
+    n_samples: int = 0
+
+
 class Method:
     """Base class of a binarization method.
 
-    Subclasses set ``name`` and implement :meth:`quantize`. A method sees one
-    weight matrix at a time (a fused group is passed stacked along rows) and
-    returns format v1 components; it never touches modules, hooks or files.
+    Subclasses set ``name`` (the ``--method`` value), ``needs_stats`` (whether
+    :meth:`quantize` needs :class:`CalibrationStats`; data-free methods do not,
+    and the pipeline then skips calibration forwards) and implement
+    :meth:`quantize`. A method sees one weight matrix at a time (a fused group
+    is passed stacked along rows) and returns format v1 components; it never
+    touches modules, hooks or files.
 
     Args:
         block_size: input columns per scale block (multiple of 32).
     """
 
     name: ClassVar[str] = ""
+    needs_stats: ClassVar[bool] = False
 
     def __init__(self, block_size: int = 128) -> None:
         LayerProfile(block_size=block_size)  # validates
         self.block_size = block_size
 
-    def quantize(self, weight: torch.Tensor) -> BinaryComponents:
-        """Binarize ``weight`` (float32 ``[N, K]``, K a multiple of ``block_size``)."""
+    def quantize(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> BinaryComponents:
+        """Binarize ``weight`` (float32 ``[N, K]``, K a multiple of ``block_size``).
+
+        Args:
+            weight: float32 ``[N, K]`` on the compute device.
+            stats: input statistics (required when ``needs_stats``).
+
+        Returns:
+            Format v1 components (stored column order) whose
+            ``vllm_sab.format.compose`` is the quantized weight.
+        """
         raise NotImplementedError

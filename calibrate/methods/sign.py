@@ -6,7 +6,7 @@ import torch
 
 from vllm_sab.format import BinaryComponents, LayerProfile, tensor_specs
 
-from .base import Method
+from .base import CalibrationStats, Method
 
 
 class SignMethod(Method):
@@ -22,11 +22,12 @@ class SignMethod(Method):
 
     name = "sign"
 
-    def quantize(self, weight: torch.Tensor) -> BinaryComponents:
+    def quantize(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> BinaryComponents:
         """Binarize ``weight``.
 
         Args:
             weight: float32 ``[N, K]``.
+            stats: ignored (data-free).
 
         Raises:
             FormatError: K is not a multiple of the block size.
