@@ -100,3 +100,22 @@ def test_triton_kernel_inside_vllm_matches_transformers(tiny_vlm, make_llm, tmp_
     ckpt = calibrate(tiny_vlm("llava"), tmp_path / "sab", method="sign", progress=False)
     monkeypatch.setattr(ops, "_FORCED_KERNEL", "triton")
     _check_served_equals_reference(make_llm, ckpt, expect_quantized=2 * 4)
+
+
+_HESSIAN_METHODS = sorted(name for name, cls in METHODS.items() if cls.needs_stats)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("method", _HESSIAN_METHODS)
+def test_hessian_method_checkpoint_served_by_vllm_matches_transformers(tiny_vlm, make_llm, tmp_path, method):
+    """Every calibration-data method (builtin data, layer-wise Hessians): vLLM tokens == dequantized transformers.
+
+    Architectures alternate so both LLaVA and Qwen2.5-VL (mRoPE kwargs, vision quantized) run the pipeline.
+    """
+    arch = ("llava", "qwen2_5_vl")[_HESSIAN_METHODS.index(method) % 2]
+    ckpt = calibrate(tiny_vlm(arch), tmp_path / "sab", method=method, quantize_vision=arch != "llava",
+                     num_samples=6, max_seq_len=256, progress=False)
+    report = __import__("json").loads((ckpt / "sab_report.json").read_text())
+    assert report["calibration"]["samples"] == 6
+    assert all(0 <= r["output_rel_error"] < 1 for r in report["layers"])
+    _check_served_equals_reference(make_llm, ckpt, expect_quantized=2 * 4)

@@ -12,11 +12,12 @@ import inspect
 from .base import CalibrationStats, Method
 from .arb import ARBRCMethod, ARBXMethod
 from .billm import BiLLMMethod
+from .sab import SABMethod
 from .sign import SignMethod
 from .uniform2 import Uniform2Method
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (SignMethod, BiLLMMethod, ARBXMethod, ARBRCMethod, Uniform2Method)
+    m.name: m for m in (SignMethod, BiLLMMethod, ARBXMethod, ARBRCMethod, SABMethod, Uniform2Method)
 }
 
 
@@ -44,6 +45,7 @@ __all__ = [
     "METHODS",
     "CalibrationStats",
     "Method",
+    "SABMethod",
     "SignMethod",
     "Uniform2Method",
     "get_method",
