@@ -136,6 +136,7 @@ def evaluate(
     num_samples: int = 900,
     seed: int = shapesqa.HELDOUT_SEED,
     batch_size: int = 64,
+    reference: str | Path | None = None,
 ) -> dict:
     """Held-out ShapesQA accuracy of a model folder with one or more engines.
 
@@ -145,6 +146,9 @@ def evaluate(
         num_samples: held-out questions, balanced over :data:`shapesqa.QUESTION_TYPES`.
         seed: split seed (default: the held-out split).
         batch_size: transformers batch size.
+        reference: full-precision model folder: also report KL divergence and
+            top-1 agreement of the next-token distributions against it
+            (:func:`compare_distributions`, transformers).
 
     Returns:
         ``{"model", "num_samples", "chance": {qtype: acc}, "engines": {engine:
@@ -186,10 +190,68 @@ def evaluate(
             "seconds": round(time.perf_counter() - t0, 2),
         }
         result["answers"][engine] = answers
+    if reference is not None:
+        result["distribution"] = compare_distributions(
+            load_transformers(reference), load_transformers(model_dir), processor, samples
+        )
     if len(engines) == 2:
         a, b = (result["answers"][e] for e in engines)
         result["disagreements"] = sum(shapesqa.normalize_answer(x) != shapesqa.normalize_answer(y) for x, y in zip(a, b))
     return result
+
+
+def _answer_batch(processor, samples: list[shapesqa.Sample]) -> tuple[dict, torch.Tensor]:
+    """Prompt + reference answer (teacher forcing), right-padded, and the mask of scored positions.
+
+    Scored positions are those whose next token is part of the answer (or its
+    EOS), i.e. the predictions the task depends on.
+    """
+    tok = processor.tokenizer
+    tok.padding_side = "right"
+    texts, n_prompt = [], []
+    for s in samples:
+        prompt = chat_prompt(processor, s)
+        texts.append(prompt + " " + s.answer + (tok.eos_token or ""))
+        n_prompt.append(prompt)
+    images = [s.image for s in samples if s.scene is not None]
+    full = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    prompts = processor(text=n_prompt, images=images or None, return_tensors="pt", padding=True)
+    lengths = prompts["attention_mask"].sum(1)
+    total = full["attention_mask"].sum(1)
+    pos = torch.arange(full["input_ids"].shape[1])[None, :]
+    # Position t predicts token t+1: score t in [prompt_len - 1, total - 2].
+    scored = (pos >= (lengths - 1)[:, None]) & (pos <= (total - 2)[:, None])
+    tok.padding_side = "left"
+    return dict(full), scored
+
+
+@torch.no_grad()
+def compare_distributions(reference, model, processor, samples: list[shapesqa.Sample], *, batch_size: int = 32) -> dict:
+    """Next-token agreement of ``model`` with ``reference`` on the held-out answers (teacher forcing).
+
+    At every position that predicts an answer token (or the EOS after it):
+    ``KL(p_ref || p_model)`` in nats, averaged over positions, and top-1
+    agreement (the two models' argmax tokens are equal).
+
+    Args:
+        reference: the full-precision transformers model.
+        model: the quantized model (e.g. :func:`load_transformers` of a sab checkpoint).
+        processor: their (shared) processor.
+        samples: held-out questions.
+        batch_size: questions per forward.
+
+    Returns:
+        ``{"kl": float, "top1_agreement": float in [0, 1], "positions": int}``.
+    """
+    kl_sum, agree, count = 0.0, 0, 0
+    for i in range(0, len(samples), batch_size):
+        inputs, scored = _answer_batch(processor, samples[i : i + batch_size])
+        lp = torch.log_softmax(reference(**inputs).logits.float(), -1)[scored]
+        lq = torch.log_softmax(model(**inputs).logits.float(), -1)[scored]
+        kl_sum += float((lp.exp() * (lp - lq)).sum())
+        agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+        count += int(scored.sum())
+    return {"kl": kl_sum / max(count, 1), "top1_agreement": agree / max(count, 1), "positions": count}
 
 
 def _shutdown(llm) -> None:
@@ -228,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=900, help="held-out questions (balanced over types)")
     p.add_argument("--seed", type=int, default=shapesqa.HELDOUT_SEED, help="split seed")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--reference", help="full-precision model folder: also print KL and top-1 agreement against it")
     p.add_argument("--json", help="also write the full result (answers included) to this file")
     return p
 
@@ -241,8 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sab-eval: error: {args.model}: no config.json (expected a model folder)", file=sys.stderr)
         return 2
     engines = ("transformers", "vllm") if args.engine == "both" else (args.engine,)
-    result = evaluate(args.model, engines=engines, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size)
+    result = evaluate(
+        args.model, engines=engines, num_samples=args.num_samples, seed=args.seed,
+        batch_size=args.batch_size, reference=args.reference,
+    )
     print(format_table(result))
+    if "distribution" in result:
+        d = result["distribution"]
+        print(f"vs {args.reference}: KL {d['kl']:.4f} nats/token, top-1 agreement {d['top1_agreement'] * 100:.1f}% "
+              f"over {d['positions']} answer positions")
     for e, r in result["engines"].items():
         print(f"{e}: {r['seconds']:.1f} s for {args.num_samples} questions")
     if "disagreements" in result:

@@ -1,12 +1,15 @@
-"""Quickstart: calibrate a VLM offline into a sab checkpoint and ask vLLM about an image.
+"""Quickstart: calibrate a VLM offline into a sab checkpoint and ask vLLM about images.
 
-    python examples/quickstart.py                      # tiny offline LLaVA, CPU
-    python examples/quickstart.py --model llava-hf/llava-1.5-7b-hf --workdir out/
+    python examples/quickstart.py                       # the shipped small LLaVA, CPU, offline
+    python examples/quickstart.py --method arb-rc --questions 9
+    python examples/quickstart.py --model llava-hf/llava-1.5-7b-hf --workdir out/   # a real model (GPU)
 
-Without ``--model`` it builds a tiny random LLaVA-1.5 locally (no hub access), so
-the answer is noise: the point is the path (calibrate -> packed checkpoint ->
-vLLM with --quantization sab). It prints the question, vLLM's answer, the model
-sizes and the true bits per weight of the quantized linears.
+By default it binarizes ``models/shapes-llava`` (a small LLaVA-1.5 trained on
+ShapesQA, shipped in this repository) with SAB-LVLM on the built-in
+calibration data, serves the packed checkpoint with vLLM
+(``--quantization sab``) and asks it held-out ShapesQA questions, printing
+each question, the sab answer from vLLM, the full-precision answer and the
+expected one, then the model sizes and the true bits per weight.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ for key, value in {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_NO_USAGE_STATS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
 }.items():
     os.environ.setdefault(key, value)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "shapes-llava"
 
 
 def _folder_bytes(path: Path) -> int:
@@ -32,63 +39,58 @@ def _folder_bytes(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model folder or hub id (default: a tiny LLaVA built offline)")
-    p.add_argument("--workdir", default=".scratch/quickstart", help="where checkpoints go")
-    p.add_argument("--method", default="sign")
-    p.add_argument("--question", default="What shapes and colors are in this image?")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder or hub id (default: the shipped small LLaVA)")
+    p.add_argument("--workdir", default=str(REPO / ".scratch" / "quickstart"), help="where the checkpoint goes")
+    p.add_argument("--method", default="sab", help="calibration method (sab, arb-rc, arb-x, billm, uniform2, sign)")
+    p.add_argument("--num-samples", type=int, default=32, help="calibration samples (built-in data)")
+    p.add_argument("--questions", type=int, default=6, help="held-out ShapesQA questions to ask")
     args = p.parse_args(argv)
+    if args.model == str(DEFAULT_MODEL) and not (DEFAULT_MODEL / "config.json").is_file():
+        print(f"quickstart: {DEFAULT_MODEL} is missing; retrain it with examples/train_shapes_vlm.py", file=sys.stderr)
+        return 2
 
-    import torch
     from transformers import AutoProcessor
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
+    from vllm_sab import shapesqa
     from vllm_sab.calibrate import calibrate
-    from vllm_sab.testing import build_tiny_vlm, tiny_image
+    from vllm_sab.calibrate.evaluate import chat_prompt, load_transformers, make_llm, transformers_answers
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    if args.model is None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = build_tiny_vlm("llava", work / "tiny-llava")
-    else:
-        model = args.model
-    ckpt = calibrate(model, work / f"sab-{args.method}", method=args.method, overwrite=True)
+    ckpt = calibrate(
+        args.model, work / f"sab-{args.method}", method=args.method, num_samples=args.num_samples, overwrite=True
+    )
     report = json.loads((ckpt / "sab_report.json").read_text())["summary"]
 
+    # Held-out questions, cycling through the question types (first the visual ones).
+    samples = shapesqa.samples(shapesqa.HELDOUT_SEED, args.questions, balanced=True)
     processor = AutoProcessor.from_pretrained(str(ckpt))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    on_gpu = torch.cuda.is_available()
-    llm = LLM(
-        model=str(ckpt),
-        quantization="sab",
-        dtype="float16" if on_gpu else "float32",
-        enforce_eager=not on_gpu,
-        max_model_len=2048 if on_gpu else 512,
-        limit_mm_per_prompt={"image": 1},
-        **({} if on_gpu else {"kv_cache_memory_bytes": 64 << 20}),
-    )
-    out = llm.generate(
-        {"prompt": prompt, "multi_modal_data": {"image": tiny_image(0)}},
-        SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
-        use_tqdm=False,
-    )
-    answer = out[0].outputs[0].text
-    src = Path(model) if Path(model).is_dir() else None
+    llm = make_llm(ckpt)
+    requests = [
+        {"prompt": chat_prompt(processor, s), **({"multi_modal_data": {"image": s.image}} if s.image else {})}
+        for s in samples
+    ]
+    outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    sab_answers = [o.outputs[0].text.strip() for o in outs]
+    fp_answers = [a.strip() for a in transformers_answers(load_transformers(args.model), processor, samples)]
+
     print()
-    print(f"question : {args.question}")
-    print(f"answer   : {answer!r}  (vLLM, --quantization sab, {args.method} checkpoint)")
+    for s, sab, fp in zip(samples, sab_answers, fp_answers):
+        what = "image + question" if s.image else "text question"
+        print(f"[{s.qtype}, {what}] {s.question}")
+        print(f"    sab ({args.method}, vLLM): {sab!r}   full precision: {fp!r}   expected: {s.answer!r}")
+    right = sum(shapesqa.normalize_answer(a) == shapesqa.normalize_answer(s.answer) for a, s in zip(sab_answers, samples))
+    print(f"\nsab answers correct: {right}/{len(samples)}")
+    src = Path(args.model) if Path(args.model).is_dir() else None
     if src is not None:
         print(f"model    : {_folder_bytes(src) / 1e6:.2f} MB full precision -> {_folder_bytes(ckpt) / 1e6:.2f} MB sab")
-    else:
-        print(f"model    : {_folder_bytes(ckpt) / 1e6:.2f} MB sab")
     print(
         f"linears  : {report['quantized_linears']} quantized, {report['true_bits_per_weight']:.3f} true bits/weight "
         f"(papers' convention {report['paper_weight_bits']:.3f}); "
         f"{report['fp16_bytes_of_quantized'] / 1e6:.2f} MB fp16 -> {report['quantized_bytes'] / 1e6:.3f} MB"
     )
-    print(f"checkpoint: {ckpt}")
+    print(f"checkpoint: {ckpt}  (serve it: vllm serve {ckpt} --quantization sab)")
     return 0
 
 
