@@ -179,8 +179,10 @@ def calibrate(
             logger.error("finished layers are kept in %s; rerun with --resume to continue", partial.folder)
         raise
     state = {adapter.checkpoint_name(k): v for k, v in results.state.items()}
-    quant_config = fmt.SabQuantizationConfig(
-        results.profiles, results.modules, method=method, extra={"block_size": block_size}
+    quant_config = (
+        fmt.SabQuantizationConfig(results.profiles, results.modules, method=method, extra={"block_size": block_size})
+        if results.modules
+        else None  # dense methods (pruning): an ordinary checkpoint
     )
     report = _report(model, method, results.reports, state, time.time() - t0)
     if results.calibration:
@@ -229,6 +231,9 @@ class _Results:
         out = []
         for r in self.reports[mark:]:
             mem = r["memory_name"]
+            if r["profile"] == "dense":
+                out.append({"report": r, "profile": None, "tensors": {"weight": self.state[f"{mem}.weight"]}})
+                continue
             suffixes = [k[len(mem) + 1 :] for k in self.state if k.startswith(mem + ".") and k[len(mem) + 1 :] in fmt.ALL_SUFFIXES]
             out.append({"report": r, "profile": self.profiles[r["profile"]],
                         "tensors": {s: self.state[f"{mem}.{s}"] for s in suffixes}})
@@ -241,6 +246,10 @@ class _Results:
             r, p, tensors = item["report"], item["profile"], item["tensors"]
             name = r["memory_name"]
             lin = linears[name]
+            if p is None:  # dense method result
+                _set_weight(lin, tensors["weight"])
+                self.reports.append(r)
+                continue
             _set_weight(lin, fmt.dequantize(tensors, p, where=name))
             self.profiles[p.key] = p
             self.modules[self.adapter.checkpoint_name(name)] = fmt.QuantizedModule(p.key, tuple(r["shape"]))
@@ -260,6 +269,9 @@ def _quantize_group(group, quantizer, stats, device, results: _Results, where: s
     if not bool(torch.isfinite(weight).all()):
         raise FloatingPointError(f"{group[0][0]}: NaN/Inf in the weights")
     sizes = [lin.out_features for _, lin in group]
+    if getattr(quantizer, "dense_output", False):
+        _dense_group(group, quantizer.quantize(weight, stats), weight, stats, sizes, results)
+        return
     parts = quantizer.quantize(weight, stats).split_rows(sizes)
     for (name, lin), comp, w in zip(group, parts, weight.split(sizes)):
         tensors = fmt.pack(comp, where=name)
@@ -286,6 +298,32 @@ def _quantize_group(group, quantizer, stats, device, results: _Results, where: s
             report["output_rel_error"] = math.sqrt(max(num, 0.0) / max(den, 1e-30))
         _set_weight(lin, w_hat)
         results.add(name, lin, comp, tensors, report)
+
+
+def _dense_group(group, new_weight: torch.Tensor, weight: torch.Tensor, stats, sizes, results: _Results) -> None:
+    """A dense method's result (e.g. pruned weights): the modules keep a dense ``.weight``."""
+    if tuple(new_weight.shape) != tuple(weight.shape) or not bool(torch.isfinite(new_weight).all()):
+        raise FloatingPointError(f"{group[0][0]}: the method returned a bad dense weight")
+    for (name, lin), w_new, w in zip(group, new_weight.split(sizes), weight.split(sizes)):
+        err = w - w_new
+        report = {
+            "name": results.adapter.checkpoint_name(name),
+            "memory_name": name,
+            "shape": list(w.shape),
+            "profile": "dense",
+            # A dense tensor costs its dtype's bits whatever its zeros.
+            "true_bits_per_weight": float(lin.weight.element_size() * 8),
+            "paper_weight_bits": float(lin.weight.element_size() * 8),
+            "sparsity": float((w_new == 0).float().mean()),
+            "rel_error": float(err.norm() / w.norm().clamp_min(1e-30)),
+        }
+        if stats is not None:
+            h = stats.hessian
+            report["output_rel_error"] = math.sqrt(
+                max(float(((err @ h) * err).sum()), 0.0) / max(float(((w @ h) * w).sum()), 1e-30)
+            )
+        _set_weight(lin, w_new)
+        results.reports.append(report)
 
 
 def _encoded_samples(model, hf, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root):

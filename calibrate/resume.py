@@ -68,7 +68,10 @@ class Partial:
         self._ensure()
         tensors = {f"{i}.{s}": t.contiguous().cpu() for i, it in enumerate(items) for s, t in it["tensors"].items()}
         save_file(tensors, str(self.folder / f"{layer}.safetensors"))
-        meta = [{"report": it["report"], "profile": it["profile"].to_dict()} for it in items]
+        meta = [
+            {"report": it["report"], "profile": it["profile"].to_dict() if it["profile"] is not None else None}
+            for it in items
+        ]
         tmp = self.folder / f"{layer}.json.tmp"
         tmp.write_text(json.dumps(meta))
         tmp.replace(self.folder / f"{layer}.json")
@@ -83,7 +86,8 @@ class Partial:
         items = []
         for i, m in enumerate(meta):
             tensors = {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == str(i)}
-            items.append({"report": m["report"], "profile": fmt.LayerProfile.from_dict(m["profile"]), "tensors": tensors})
+            profile = fmt.LayerProfile.from_dict(m["profile"]) if m["profile"] is not None else None
+            items.append({"report": m["report"], "profile": profile, "tensors": tensors})
         return items
 
     @property

@@ -69,7 +69,7 @@ def write_checkpoint(
     folder: Path,
     state_dict: dict[str, torch.Tensor],
     config: dict[str, Any],
-    quant_config: fmt.SabQuantizationConfig,
+    quant_config: fmt.SabQuantizationConfig | None,
     report: dict[str, Any],
     max_shard_size: str = "5GB",
 ) -> None:
@@ -80,14 +80,16 @@ def write_checkpoint(
         state_dict: every tensor of the checkpoint, quantized modules already
             replaced by their format v1 tensors (``<module>.<suffix>``).
         config: the model's ``config.json`` content (no quantization_config yet).
-        quant_config: the sab quantization config.
+        quant_config: the sab quantization config, or None for a dense checkpoint
+            (e.g. pruned weights, which stock vLLM serves).
         report: ``sab_report.json`` content.
         max_shard_size: safetensors shard size limit.
 
     Raises:
         FormatError: a quantized module's tensors do not follow format v1.
     """
-    for name, entry in quant_config.modules.items():
+    modules = quant_config.modules if quant_config is not None else {}
+    for name, entry in modules.items():
         tensors = {s: state_dict[f"{name}.{s}"] for s in fmt.ALL_SUFFIXES if f"{name}.{s}" in state_dict}
         fmt.validate(tensors, quant_config.profiles[entry.profile], *entry.shape, where=name)
     save_torch_state_dict(
@@ -97,6 +99,7 @@ def write_checkpoint(
         metadata={"format": "pt", "sab_format_version": str(fmt.FORMAT_VERSION)},
     )
     config = dict(config)
-    config["quantization_config"] = quant_config.to_dict()
+    if quant_config is not None:
+        config["quantization_config"] = quant_config.to_dict()
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

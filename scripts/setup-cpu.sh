@@ -141,8 +141,8 @@ vllm_cli_v="$("$VENV/bin/vllm" --version 2>/dev/null | tail -n 1)" \
 log "vllm launcher ok: $vllm_cli_v"
 
 # --- 5. this project, editable, with test extras ------------------------------
-log "installing vllm-sab (editable, [test])"
-"${PIP[@]}" install --quiet --quiet -e ".[test]"
+log "installing vllm-sab (editable, [test,bench])"
+"${PIP[@]}" install --quiet --quiet -e ".[test,bench]"
 
 # --- 6. summary -----------------------------------------------------------------
 "$PY" - <<'EOF'

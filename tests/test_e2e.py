@@ -102,7 +102,9 @@ def test_triton_kernel_inside_vllm_matches_transformers(tiny_vlm, make_llm, tmp_
     _check_served_equals_reference(make_llm, ckpt, expect_quantized=2 * 4)
 
 
-_HESSIAN_METHODS = sorted(name for name, cls in METHODS.items() if cls.needs_stats)
+_HESSIAN_METHODS = sorted(
+    name for name, cls in METHODS.items() if cls.needs_stats and not getattr(cls, "dense_output", False)
+)
 
 
 @pytest.mark.vllm
@@ -119,3 +121,24 @@ def test_hessian_method_checkpoint_served_by_vllm_matches_transformers(tiny_vlm,
     assert report["calibration"]["samples"] == 6
     assert all(0 <= r["output_rel_error"] < 1 for r in report["layers"])
     _check_served_equals_reference(make_llm, ckpt, expect_quantized=2 * 4)
+
+
+@pytest.mark.vllm
+def test_atv_pruned_dense_checkpoint_served_by_stock_vllm(tiny_vlm, make_llm, tmp_path):
+    """atv-prune writes an ordinary dense checkpoint: 50 % zeros per decoder linear row, no
+    quantization_config, and stock vLLM's greedy tokens equal transformers'."""
+    import json
+
+    from safetensors.torch import load_file
+
+    ckpt = calibrate(tiny_vlm("llava"), tmp_path / "pruned", method="atv-prune", token_pool="atv",
+                     num_samples=6, max_seq_len=256, progress=False)
+    assert "quantization_config" not in json.loads((ckpt / "config.json").read_text())
+    state = load_file(str(ckpt / "model.safetensors"))
+    w = state["model.language_model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal((w == 0).sum(1), torch.full((w.shape[0],), w.shape[1] // 2))
+    from e2e_helpers import hf_greedy, vllm_greedy
+    from vllm_sab.calibrate.evaluate import load_transformers
+
+    served = vllm_greedy(make_llm(ckpt), ckpt)
+    assert served == hf_greedy(load_transformers(ckpt), ckpt)

@@ -12,12 +12,24 @@ import inspect
 from .base import CalibrationStats, Method
 from .arb import ARBRCMethod, ARBXMethod
 from .billm import BiLLMMethod
+from .bivlm import BiVLMMethod
+from .prune import ATVPruneMethod, ATVPruneSABMethod
 from .sab import SABMethod
 from .sign import SignMethod
 from .uniform2 import Uniform2Method
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (SignMethod, BiLLMMethod, ARBXMethod, ARBRCMethod, SABMethod, Uniform2Method)
+    m.name: m for m in (
+        SignMethod,
+        BiLLMMethod,
+        ARBXMethod,
+        ARBRCMethod,
+        SABMethod,
+        Uniform2Method,
+        BiVLMMethod,
+        ATVPruneMethod,
+        ATVPruneSABMethod,
+    )
 }
 
 
@@ -39,9 +51,12 @@ def get_method(name: str, **options) -> Method:
 
 
 __all__ = [
+    "ATVPruneMethod",
+    "ATVPruneSABMethod",
     "ARBRCMethod",
     "ARBXMethod",
     "BiLLMMethod",
+    "BiVLMMethod",
     "METHODS",
     "CalibrationStats",
     "Method",
