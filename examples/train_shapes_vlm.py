@@ -236,7 +236,7 @@ def heldout_accuracy(model, processor, n: int) -> dict:
     return {k: round(v["accuracy"], 3) for k, v in shapesqa.score(answers, samples).items()}
 
 
-def train_qa(model, tok, processor, cfg: TrainConfig, log: list, *, stage: str) -> None:
+def train_qa(model, tok, processor, cfg: TrainConfig, log: list, *, stage: str, sample_offset: int = 0) -> None:
     """Stage 2 (``"align"``: vision frozen) or stage 3 (``"joint"``): answer-only LM loss."""
     steps, peak = (cfg.align_steps, cfg.lr) if stage == "align" else (cfg.joint_steps, cfg.joint_lr)
     for p in model.model.vision_tower.parameters():
@@ -245,7 +245,7 @@ def train_qa(model, tok, processor, cfg: TrainConfig, log: list, *, stage: str) 
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
     n_img = (cfg.image_size // cfg.patch_size) ** 2
     image_token_id = model.config.image_token_index
-    offset = 0 if stage == "align" else cfg.align_steps * cfg.batch
+    offset = sample_offset + (0 if stage == "align" else cfg.align_steps * cfg.batch)
     t0, ema = time.perf_counter(), None
     model.train()
     for step in range(steps):
@@ -280,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="models/shapes-llava", help="model folder to write")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (quick runs)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--stages", default="vision,align,joint", help="comma-separated stages to run, in order")
+    p.add_argument("--init", default=None, help="start from this model folder's weights (continue training)")
+    p.add_argument("--joint-steps", type=int, default=None, help="override TrainConfig.joint_steps")
+    p.add_argument("--sample-offset", type=int, default=0, help="skip this many training samples (a continued run sees new ones)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -292,17 +296,29 @@ def main(argv: list[str] | None = None) -> int:
             joint_steps=max(1, round(cfg.joint_steps * args.scale)),
             eval_every=max(1, round(cfg.eval_every * args.scale)),
         )
+    if args.joint_steps is not None:
+        cfg = replace(cfg, joint_steps=args.joint_steps)
+    stages = [x.strip() for x in args.stages.split(",") if x.strip()]
+    unknown = set(stages) - {"vision", "align", "joint"}
+    if unknown:
+        p.error(f"unknown stages {sorted(unknown)}; choose from vision, align, joint")
     random.seed(cfg.seed)
     tok, model, processor = build_model(cfg)
+    if args.init is not None:
+        from vllm_sab.calibrate.evaluate import load_transformers
+
+        model.load_state_dict(load_transformers(args.init).state_dict())
     n_img = (cfg.image_size // cfg.patch_size) ** 2
     _check_formatting(tok, processor, n_img, model.config.image_token_index)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tok)}", flush=True)
 
     log: list = []
     t0 = time.perf_counter()
-    train_vision(model, processor, cfg, log)
-    train_qa(model, tok, processor, cfg, log, stage="align")
-    train_qa(model, tok, processor, cfg, log, stage="joint")
+    if "vision" in stages:
+        train_vision(model, processor, cfg, log)
+    for stage in ("align", "joint"):
+        if stage in stages:
+            train_qa(model, tok, processor, cfg, log, stage=stage, sample_offset=args.sample_offset)
     minutes = (time.perf_counter() - t0) / 60
 
     out = Path(args.out)
@@ -312,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     final = heldout_accuracy(model.float(), processor, cfg.final_eval_samples)
     print(json.dumps({"final_heldout": final, "train_minutes": round(minutes, 1)}), flush=True)
     (out / "train_log.json").write_text(
-        json.dumps({"config": asdict(cfg), "train_minutes": round(minutes, 1), "threads": args.threads,
-                    "final_heldout": final, "log": log}, indent=1)
+        json.dumps({"config": asdict(cfg), "stages": stages, "init": args.init, "sample_offset": args.sample_offset, "train_minutes": round(minutes, 1),
+                    "threads": args.threads, "final_heldout": final, "log": log}, indent=1)
     )
     return 0
 

@@ -171,3 +171,35 @@ def test_failure_while_writing_leaves_previous_output(tmp_path, tiny_vlm, monkey
     monkeypatch.undo()
     calibrate(tiny_vlm("llava"), out, overwrite=True, resume=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_cli_calibration_data_errors_name_file_and_line(tmp_path, capsys, tiny_vlm):
+    """A JSONL with a missing image fails with file:line (exit 2); --skip-bad-samples skips it and counts."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "data.jsonl").write_text(
+        '{"image": "red.png", "text": "What color is it?", "answer": "red"}\n'
+        '{"image": "missing.png", "text": "What is it?"}\n'
+        '{"text": "What is 2 plus 2?", "answer": "4"}\n'
+    )
+    args = ["--model", str(tiny_vlm("llava")), "--method", "billm", "--data", str(tmp_path / "data.jsonl"),
+            "--num-samples", "3", "--no-progress"]
+    assert cli_main([*args, "--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "data.jsonl:2" in err and "missing.png" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+    assert cli_main([*args, "--output", str(tmp_path / "b"), "--skip-bad-samples"]) == 0
+    report = json.loads((tmp_path / "b" / "sab_report.json").read_text())
+    assert report["calibration"]["samples"] == 2
+
+
+def test_cli_refuses_bad_method_options(tmp_path, capsys, tiny_vlm):
+    base = ["--model", str(tiny_vlm("llava")), "--output", str(tmp_path / "o"), "--no-progress"]
+    assert cli_main([*base, "--method", "sab", "--option", "significance=nope"]) == 2
+    assert "significance must be one of" in capsys.readouterr().err
+    assert cli_main([*base, "--method", "sab", "--option", "nokey"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert cli_main([*base, "--method", "sign", "--option", "percdamp=0.1"]) == 2
+    assert "has no option percdamp" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

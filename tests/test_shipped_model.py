@@ -1,0 +1,32 @@
+"""The shipped small VLM (models/shapes-llava): it loads, answers, and vLLM agrees with transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vllm_sab import shapesqa
+from vllm_sab.calibrate.evaluate import evaluate
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-llava"
+
+
+def test_shipped_model_is_small_and_answers_heldout_questions():
+    """Under 30 MB; on the 900 held-out questions of its model card the solved types stay solved."""
+    size = sum(f.stat().st_size for f in MODEL.iterdir())
+    assert size < 30e6
+    res = evaluate(MODEL, engines=("transformers",), num_samples=900)
+    scores = res["engines"]["transformers"]["scores"]
+    for t in ("count", "read", "arithmetic", "compare", "sequence"):
+        assert scores[t]["accuracy"] >= 0.9, (t, scores[t])
+    assert scores["overall"]["accuracy"] >= 0.7
+    for t in shapesqa.QUESTION_TYPES:
+        if t != "exists":  # see the model card: binding questions are only partly learned
+            assert scores[t]["accuracy"] > res["chance"][t] + 0.1, (t, scores[t], res["chance"][t])
+
+
+@pytest.mark.vllm
+def test_vllm_answers_equal_transformers_on_the_shipped_model():
+    res = evaluate(MODEL, engines=("transformers", "vllm"), num_samples=72)
+    assert res["disagreements"] == 0
