@@ -181,7 +181,7 @@ def test_num_samples_subsampling_is_deterministic(data_dir):
 
 
 def test_hf_dataset_from_disk(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a test dependency (pyproject [test])
     images = [tiny_image(i) for i in range(4)]
     ds = datasets.Dataset.from_dict(
         {

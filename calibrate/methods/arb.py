@@ -118,17 +118,6 @@ class ARBXMethod(_ARBBase):
 
     name = "arb-x"
 
-    def __init__(
-        self,
-        block_size: int = 128,
-        percdamp: float = 0.01,
-        salient_columns: int | None = None,
-        max_salient: int | None = None,
-        iterations: int = 15,
-        column_group_bitmap: bool = True,
-    ) -> None:
-        super().__init__(block_size, percdamp, salient_columns, max_salient, iterations, column_group_bitmap)
-
     def _profile(self, salient: int) -> LayerProfile:
         """``zone_bits=1, salient=s, salient_zoned=CGB, offset=True``."""
         return LayerProfile(
@@ -196,17 +185,6 @@ class ARBRCMethod(_ARBBase):
     """
 
     name = "arb-rc"
-
-    def __init__(
-        self,
-        block_size: int = 128,
-        percdamp: float = 0.01,
-        salient_columns: int | None = None,
-        max_salient: int | None = None,
-        iterations: int = 15,
-        column_group_bitmap: bool = True,
-    ) -> None:
-        super().__init__(block_size, percdamp, salient_columns, max_salient, iterations, column_group_bitmap)
 
     def _profile(self, salient: int) -> LayerProfile:
         """``zone_bits=1, salient=s, salient_zoned=CGB, col_scale=True``."""

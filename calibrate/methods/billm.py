@@ -57,15 +57,6 @@ class BiLLMMethod(BlockwiseMethod):
 
     name = "billm"
 
-    def __init__(
-        self,
-        block_size: int = 128,
-        percdamp: float = 0.01,
-        salient_columns: int | None = None,
-        max_salient: int | None = None,
-    ) -> None:
-        super().__init__(block_size, percdamp, salient_columns, max_salient)
-
     def _profile(self, salient: int) -> LayerProfile:
         """``zone_bits=1, salient=s, salient_zoned=False, offset=True``."""
         return LayerProfile(block_size=self.block_size, zone_bits=1, salient=salient, offset=True)
