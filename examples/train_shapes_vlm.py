@@ -133,7 +133,7 @@ class VisionHeads(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         b, n, d = feats.shape
-        g, h = self.grid, self.grid // 2
+        h = self.grid // 2
         f = self.norm(feats)
         quads = f.view(b, 2, h, 2, h, d).mean(dim=(2, 4)).reshape(b, 4, d)  # (row, col) order
         return {"kind": self.kind(quads), "color": self.color(quads), "word": self.word(quads), "quadrant": self.quadrant(f)}

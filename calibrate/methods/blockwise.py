@@ -93,7 +93,7 @@ def select_salient_columns(target: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def salient_count_search(
-    target: torch.Tensor, block_size: int, candidates: list[int] | range
+    target: torch.Tensor, block_size: int, candidates: list[int] | range, keep: torch.Tensor | None = None
 ) -> tuple[int, torch.Tensor]:
     """One salient-column count for a whole layer, by BiLLM's saliency-space criterion.
 
@@ -110,6 +110,8 @@ def salient_count_search(
         target: float32 ``[N, K]`` saliency of the (uncompensated) layer.
         block_size: ``B``; ``K % B == 0``.
         candidates: counts to try, each in ``0..B``; not empty.
+        keep: bool ``[N, K]`` or None: only these weights count (pruned
+            weights are exactly 0 and cost nothing; ``atv-prune+sab``).
 
     Returns:
         ``(s, errors)``: the chosen count and float64 ``[len(candidates)]``
@@ -123,7 +125,11 @@ def salient_count_search(
     if not cands or any(not 0 <= c <= block_size for c in cands) or k % block_size:
         raise ValueError(f"salient_count_search: bad candidates {cands} for K={k}, block_size={block_size}")
     nb = k // block_size
-    t3 = target.to(torch.float32).reshape(n, nb, block_size)
+    target = target.to(torch.float32)
+    if keep is not None:
+        target = target * keep
+    t3 = target.reshape(n, nb, block_size)
+    k3 = keep.reshape(n, nb, block_size) if keep is not None else None
     rank = column_rank(t3.abs().sum(0))  # [nb, B]
     errors = torch.zeros(len(cands), dtype=torch.float64, device=target.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, n * block_size))
@@ -132,7 +138,10 @@ def salient_count_search(
         rk = rank[lo : lo + step]
         for i, s in enumerate(cands):
             sal = (rk < s).expand_as(t)
-            q = residual_binarize(t, sal, 2).dense(sal) + residual_binarize(t, ~sal, 2).dense(~sal)
+            a, b = sal, ~sal
+            if k3 is not None:
+                a, b = a & k3[:, lo : lo + step], b & k3[:, lo : lo + step]
+            q = residual_binarize(t, a, 2).dense(a) + residual_binarize(t, b, 2).dense(b)
             errors[i] += ((t - q) ** 2).sum().double()
     return cands[int(torch.argmin(errors))], errors
 
@@ -456,6 +465,7 @@ class BlockContext:
         weight: float32 ``[N, K]`` the layer weight before any compensation
             (dead columns zeroed).
         stats: the calibration statistics passed to ``quantize``.
+        keep: bool ``[N, K]`` weights that are kept (:meth:`BlockwiseMethod._keep_mask`), or None.
     """
 
     index: int
@@ -465,6 +475,7 @@ class BlockContext:
     damp: float
     weight: torch.Tensor
     stats: CalibrationStats
+    keep: torch.Tensor | None = None
 
 
 @dataclass
@@ -561,6 +572,20 @@ class BlockwiseMethod(Method):
         """
         raise NotImplementedError
 
+    def _keep_mask(self, weight: torch.Tensor, stats: CalibrationStats) -> torch.Tensor | None:
+        """bool ``[N, K]`` weights to keep (the rest stay exactly 0), or None (all; the default).
+
+        A pruning subclass returns its mask: the salient-count search and the
+        salient-column choice then count kept weights only, and
+        :meth:`_fit_block` finds the mask in ``ctx.keep``.
+        """
+        return None
+
+    def _start_weight(self, weight: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The weight the block loop starts from (a copy of ``weight``; a pruning
+        subclass may start from the pruned weight instead)."""
+        return weight.clone()
+
     # ---- the loop ------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> BinaryComponents:
         """Binarize ``weight`` (see :meth:`quantize_blocks`); returns its components."""
@@ -597,6 +622,7 @@ class BlockwiseMethod(Method):
         w0 = weight.to(torch.float32)
         if not bool(torch.isfinite(w0).all()):
             raise ValueError("weight has NaN/Inf entries")
+        keep = self._keep_mask(w0, stats)
         h, w0 = prepare_hessian(stats.hessian.to(device=dev, dtype=torch.float32), w0)
         u = inverse_cholesky_upper(h, self.percdamp)
         damp = float(self.percdamp * torch.diagonal(h).mean())
@@ -605,9 +631,9 @@ class BlockwiseMethod(Method):
         if self.salient_columns is not None:
             s = self.salient_columns
         else:
-            s, errors = salient_count_search(w0**2 / d**2, bsz, range(1, self.max_salient + 1))
+            s, errors = salient_count_search(w0**2 / d**2, bsz, range(1, self.max_salient + 1), keep)
         profile = self._profile(s)
-        w = w0.clone()
+        w = self._start_weight(w0, keep)
         dense = torch.empty_like(w)
         parts = []
         for bi, st in enumerate(range(0, k, bsz)):
@@ -615,8 +641,8 @@ class BlockwiseMethod(Method):
             wb = w[:, cols]
             db = d[cols]
             target = wb**2 / db**2
-            salient = select_salient_columns(target, s)
-            ctx = BlockContext(bi, cols, profile, h, damp, w0, stats)
+            salient = select_salient_columns(target if keep is None else target * keep[:, cols], s)
+            ctx = BlockContext(bi, cols, profile, h, damp, w0, stats, keep)
             comp = assemble_block(profile, self._fit_block(wb, target, salient, ctx))
             q = compose(comp)
             dense[:, cols] = q

@@ -32,21 +32,12 @@ from typing import ClassVar
 
 import torch
 
-from vllm_sab.format import LayerProfile, compose, tensor_specs
+from vllm_sab.format import LayerProfile
 
 from .base import CalibrationStats, Method
-from .binarize import ZoneFit, residual_binarize, rc_refine, rc_round_col_scales
-from .blockwise import (
-    BlockFit,
-    BlockwiseResult,
-    assemble_block,
-    break_point_search,
-    column_rank,
-    concat_blocks,
-    select_salient_columns,
-)
-from .hessian import inverse_cholesky_upper, prepare_hessian
-from .sab import _MIN_WEIGHT, SABMethod
+from .binarize import ZoneFit, rc_refine, rc_round_col_scales
+from .blockwise import BlockContext, BlockFit, BlockwiseResult, break_point_search
+from .sab import SABMethod
 
 __all__ = [
     "ATVPruneMethod",
@@ -302,34 +293,6 @@ def _zero_fit(order: int, n: int, b: int, device: torch.device) -> ZoneFit:
     )
 
 
-def _masked_salient_count_search(
-    target: torch.Tensor, keep: torch.Tensor, block_size: int, candidates: range
-) -> tuple[int, torch.Tensor]:
-    """:func:`~.blockwise.salient_count_search` restricted to the kept weights.
-
-    Per candidate ``s`` and block: the top-``s`` columns by summed kept
-    saliency are salient; the kept salient and kept non-salient weights each
-    get order-2 residual binarization; the pruned weights are exactly 0 and
-    cost nothing. Returns ``(s, float64 errors)``; ties to the smaller ``s``.
-    """
-    cands = list(candidates)
-    n, k = target.shape
-    nb = k // block_size
-    t3 = (target * keep).view(n, nb, block_size)
-    k3 = keep.view(n, nb, block_size)
-    rank = column_rank(t3.abs().sum(0))  # [nb, B]
-    errors = torch.zeros(len(cands), dtype=torch.float64, device=target.device)
-    step = max(1, (1 << 24) // max(1, n * block_size))
-    for lo in range(0, nb, step):
-        t, kk, rk = t3[:, lo : lo + step], k3[:, lo : lo + step], rank[lo : lo + step]
-        for i, s in enumerate(cands):
-            sal = (rk < s).expand_as(t)
-            a, b = sal & kk, ~sal & kk
-            q = residual_binarize(t, a, 2).dense(a) + residual_binarize(t, b, 2).dense(b)
-            errors[i] += ((t - q) ** 2).sum().double()
-    return cands[int(torch.argmin(errors))], errors
-
-
 class ATVPruneSABMethod(SABMethod):
     """Prune with ATV-Pruning's mask, then binarize the kept weights with SAB-LVLM.
 
@@ -459,6 +422,7 @@ class ATVPruneSABMethod(SABMethod):
         self.zone_bits = zone_bits
         self.compensate_pruning = bool(compensate_pruning)
         self.last_sparsity: float | None = None
+        self._keep: torch.Tensor | None = None
 
     def _profile(self, salient: int) -> LayerProfile:
         """``zone_bits`` 1 or 2, ``s`` salient columns (zoned), column scales."""
@@ -472,17 +436,11 @@ class ATVPruneSABMethod(SABMethod):
         imp = wanda_importance(weight, stats.hessian.to(weight.device))
         return prune_mask(imp, self.sparsity, self.pattern)
 
-    def _fit_pruned_block(
-        self,
-        w: torch.Tensor,
-        target: torch.Tensor,
-        keep: torch.Tensor,
-        salient: torch.Tensor,
-        omega: torch.Tensor,
-        profile: LayerProfile,
-    ) -> BlockFit:
+    def _fit_block(self, w: torch.Tensor, target: torch.Tensor, salient: torch.Tensor, ctx: BlockContext) -> BlockFit:
         """Zones (pruned first) and fits of one block; see the class docstring, step 4."""
         n, b = w.shape
+        keep, profile = ctx.keep[:, ctx.cols], ctx.profile
+        omega = self._element_weights(ctx.weight, ctx.stats, ctx.cols)
         sal = salient.unsqueeze(0).expand_as(w)
         pruned = ~keep
         masks: list[torch.Tensor] = []
@@ -506,8 +464,22 @@ class ATVPruneSABMethod(SABMethod):
                 fits.append(rc_round_col_scales(w, m, fit, omega))
         return BlockFit(salient, masks, fits)
 
+    def _keep_mask(self, weight: torch.Tensor, stats: CalibrationStats) -> torch.Tensor:
+        """The layer's mask, computed once in :meth:`quantize_blocks` (step 1)."""
+        return self._keep
+
+    def _start_weight(self, weight: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Dense ``W`` (the pruning error is compensated too) or ``W * M`` (STBLLM's order)."""
+        if self.compensate_pruning:
+            return weight.clone()
+        return torch.where(keep, weight, torch.zeros((), device=weight.device))
+
+    def reweighting(self, weight: torch.Tensor, stats: CalibrationStats) -> tuple[torch.Tensor, float]:
+        """SAB's ``(Lambda, r)`` of the pruned weight ``W * M``."""
+        return super().reweighting(torch.where(self._keep.to(weight.device), weight, torch.zeros((), device=weight.device)), stats)
+
     def quantize_blocks(self, weight: torch.Tensor, stats: CalibrationStats | None) -> BlockwiseResult:
-        """Mask, reweighting, salient count, then the block loop (class docstring).
+        """Mask (class docstring, step 1), then SAB-LVLM's block loop over the kept weights.
 
         Args:
             weight: float ``[N, K]``, K a multiple of ``block_size``; the
@@ -527,45 +499,13 @@ class ATVPruneSABMethod(SABMethod):
         """
         if stats is None or getattr(stats, "hessian", None) is None:
             raise ValueError(f"method {self.name!r} needs calibration statistics (a Hessian)")
-        if weight.dim() != 2:
-            raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-        n, k = weight.shape
-        bsz = self.block_size
-        tensor_specs(LayerProfile(block_size=bsz), n, k)  # clear FormatError for a bad K
-        if tuple(stats.hessian.shape) != (k, k):
-            raise ValueError(f"Hessian shape {tuple(stats.hessian.shape)} does not match K={k}")
         w_in = weight.to(torch.float32)
         if not bool(torch.isfinite(w_in).all()):
             raise ValueError("weight has NaN/Inf entries")
-        dev = w_in.device
-        keep = self.keep_mask(w_in, stats)
-        w_pruned = torch.where(keep, w_in, torch.zeros((), device=dev))
-        lam, self.last_r = self.reweighting(w_pruned, stats)
-        omega = (lam.clamp_min(_MIN_WEIGHT) ** self.weight_power).float().to(dev)
-        cstats = self._compensation_stats(stats)
-        h, w0 = prepare_hessian(cstats.hessian.to(device=dev, dtype=torch.float32), w_in)
-        u = inverse_cholesky_upper(h, self.percdamp)
-        d = torch.diagonal(u)
-        errors = None
-        if self.salient_columns is not None:
-            s = self.salient_columns
-        else:
-            s, errors = _masked_salient_count_search(w0**2 / d**2, keep, bsz, range(1, self.max_salient + 1))
-        profile = self._profile(s)
-        w = w0.clone() if self.compensate_pruning else torch.where(keep, w0, torch.zeros((), device=dev))
-        dense = torch.empty_like(w)
-        parts = []
-        for st in range(0, k, bsz):
-            cols = slice(st, st + bsz)
-            wb, db, kb = w[:, cols], d[cols], keep[:, cols]
-            target = wb**2 / db**2
-            salient = select_salient_columns(target * kb, s)
-            fit = self._fit_pruned_block(wb, target, kb, salient, omega[:, cols], profile)
-            comp = assemble_block(profile, fit)
-            q = compose(comp)
-            dense[:, cols] = q
-            if st + bsz < k:
-                w[:, st + bsz :] -= ((wb - q) / db) @ u[cols, st + bsz :]
-            parts.append(comp)
+        self._keep = self.keep_mask(w_in, stats)
+        try:
+            result = super().quantize_blocks(weight, stats)
+        finally:
+            keep, self._keep = self._keep, None
         self.last_sparsity = float((~keep).float().mean())
-        return BlockwiseResult(concat_blocks(parts), dense, s, errors)
+        return result
