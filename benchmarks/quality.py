@@ -111,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(json.dumps({k: rows[-1][k] for k in ("method", "true_bits_per_weight", "kl", "top1_agreement",
                                                    "calibration_seconds")} | {"acc": rows[-1]["accuracy"]["overall"]["accuracy"]}), flush=True)
-        del dist
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "model": args.model, "num_samples": args.num_samples,

@@ -213,6 +213,7 @@ class _Results:
         self.modules: dict[str, fmt.QuantizedModule] = {}
         self.reports: list[dict[str, Any]] = []
         self.calibration: dict[str, Any] = {}
+        self.packed: dict[str, dict[str, torch.Tensor]] = {}  # in-memory name -> format v1 tensors
 
     def add(self, name: str, lin: nn.Linear, comp: fmt.BinaryComponents, tensors: dict, report: dict) -> None:
         p = comp.profile
@@ -220,7 +221,8 @@ class _Results:
         ckpt = self.adapter.checkpoint_name(name)
         self.modules[ckpt] = fmt.QuantizedModule(p.key, comp.shape)
         self.state.pop(f"{name}.weight", None)
-        self.state.update({f"{name}.{s}": t.cpu() for s, t in tensors.items()})
+        self.packed[name] = {s: t.cpu() for s, t in tensors.items()}
+        self.state.update({f"{name}.{s}": t for s, t in self.packed[name].items()})
         self.reports.append(report)
 
     def mark(self) -> int:
@@ -233,10 +235,8 @@ class _Results:
             mem = r["memory_name"]
             if r["profile"] == "dense":
                 out.append({"report": r, "profile": None, "tensors": {"weight": self.state[f"{mem}.weight"]}})
-                continue
-            suffixes = [k[len(mem) + 1 :] for k in self.state if k.startswith(mem + ".") and k[len(mem) + 1 :] in fmt.ALL_SUFFIXES]
-            out.append({"report": r, "profile": self.profiles[r["profile"]],
-                        "tensors": {s: self.state[f"{mem}.{s}"] for s in suffixes}})
+            else:
+                out.append({"report": r, "profile": self.profiles[r["profile"]], "tensors": self.packed[mem]})
         return out
 
     def restore(self, done: list[dict[str, Any]], groups: list[list[tuple[str, nn.Linear]]]) -> None:
@@ -373,8 +373,8 @@ def _vision_stats(hf, adapter, vision_groups, samples, device):
     def make_hook(name):
         def hook(_mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            acc[name].add(x, mask | True, torch.ones_like(mask))  # every vision-side token is visual
+            every = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            acc[name].add(x, every, every)  # every vision-side token is visual and in the pool
 
         return hook
 
