@@ -137,6 +137,8 @@ def evaluate(
     seed: int = shapesqa.HELDOUT_SEED,
     batch_size: int = 64,
     reference: str | Path | None = None,
+    visual_keep_ratio: float = 1.0,
+    visual_token_score: str = "deviation",
 ) -> dict:
     """Held-out ShapesQA accuracy of a model folder with one or more engines.
 
@@ -149,6 +151,9 @@ def evaluate(
         reference: full-precision model folder: also report KL divergence and
             top-1 agreement of the next-token distributions against it
             (:func:`compare_distributions`, transformers).
+        visual_keep_ratio: below 1, both engines keep only this fraction of
+            each image's tokens (:mod:`vllm_sab.token_pruning`; LLaVA only).
+        visual_token_score: the token importance score used for pruning.
 
     Returns:
         ``{"model", "num_samples", "chance": {qtype: acc}, "engines": {engine:
@@ -157,19 +162,28 @@ def evaluate(
         ``"disagreements"`` (count of questions answered differently).
 
     Raises:
-        ValueError: unknown engine.
+        ValueError: unknown engine, bad pruning options, or ``reference``
+            combined with pruning (the two models would see different prompts).
     """
     from transformers import AutoProcessor
+
+    from vllm_sab.token_pruning import prune_transformers_llava, vllm_hf_overrides
 
     for e in engines:
         if e not in ("transformers", "vllm"):
             raise ValueError(f"unknown engine {e!r}; expected transformers or vllm")
+    pruning = visual_keep_ratio != 1.0
+    overrides = vllm_hf_overrides(visual_keep_ratio, visual_token_score)  # validates the options
+    if pruning and reference is not None:
+        raise ValueError("reference (KL against full precision) cannot be combined with visual-token pruning")
     samples = shapesqa.samples(seed, num_samples, balanced=True)
     processor = AutoProcessor.from_pretrained(str(model_dir))
     result: dict = {
         "model": str(model_dir),
         "num_samples": num_samples,
         "chance": shapesqa.chance_accuracy(samples),
+        "visual_keep_ratio": visual_keep_ratio,
+        "visual_token_score": visual_token_score,
         "engines": {},
         "answers": {},
         "questions": [s.question for s in samples],
@@ -179,10 +193,11 @@ def evaluate(
         t0 = time.perf_counter()
         if engine == "transformers":
             model = load_transformers(model_dir)
-            answers = transformers_answers(model, processor, samples, batch_size=batch_size)
+            proc = prune_transformers_llava(model, processor, visual_keep_ratio, visual_token_score) if pruning else processor
+            answers = transformers_answers(model, proc, samples, batch_size=batch_size)
             del model
         else:
-            llm = make_llm(model_dir)
+            llm = make_llm(model_dir, **({"hf_overrides": overrides} if pruning else {}))
             answers = vllm_answers(llm, processor, samples)
             _shutdown(llm)
         result["engines"][engine] = {
@@ -291,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=shapesqa.HELDOUT_SEED, help="split seed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--reference", help="full-precision model folder: also print KL and top-1 agreement against it")
+    p.add_argument("--visual-keep-ratio", type=float, default=1.0,
+                   help="keep this fraction of each image's tokens after the projector (LLaVA only; 1 = no pruning)")
+    p.add_argument("--visual-token-score", choices=["deviation", "norm"], default="deviation",
+                   help="importance score of image tokens for --visual-keep-ratio")
     p.add_argument("--json", help="also write the full result (answers included) to this file")
     return p
 
@@ -304,9 +323,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sab-eval: error: {args.model}: no config.json (expected a model folder)", file=sys.stderr)
         return 2
     engines = ("transformers", "vllm") if args.engine == "both" else (args.engine,)
+    if not 0.0 < args.visual_keep_ratio <= 1.0:
+        print(f"sab-eval: error: --visual-keep-ratio must be in (0, 1], got {args.visual_keep_ratio}", file=sys.stderr)
+        return 2
+    if args.reference and args.visual_keep_ratio != 1.0:
+        print("sab-eval: error: --reference cannot be combined with --visual-keep-ratio below 1", file=sys.stderr)
+        return 2
     result = evaluate(
         args.model, engines=engines, num_samples=args.num_samples, seed=args.seed,
         batch_size=args.batch_size, reference=args.reference,
+        visual_keep_ratio=args.visual_keep_ratio, visual_token_score=args.visual_token_score,
     )
     print(format_table(result))
     if "distribution" in result:

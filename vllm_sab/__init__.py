@@ -19,7 +19,11 @@ _REGISTERED = False
 
 
 def register() -> None:
-    """Register the ``sab`` quantization method and its custom op with vLLM.
+    """Register the ``sab`` quantization method, its custom op and the pruned-LLaVA architecture with vLLM.
+
+    The architecture ``SabPrunedLlavaForConditionalGeneration``
+    (:mod:`vllm_sab.llava_pruned`, visual-token pruning) is registered lazily
+    by name, so its module is imported only when a model selects it.
 
     Called by vLLM in every process (front end, engine core, workers) through
     the ``vllm.general_plugins`` entry point; idempotent.
@@ -30,6 +34,11 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    from vllm import ModelRegistry
+
     from . import config, ops  # noqa: F401  (decorators register on import)
+    from .token_pruning import VLLM_ARCHITECTURE
+
+    ModelRegistry.register_model(VLLM_ARCHITECTURE, "vllm_sab.llava_pruned:SabPrunedLlavaForConditionalGeneration")
 
     _REGISTERED = True
