@@ -19,6 +19,8 @@ the visual signal made easy first:
    starts from random, so it trains too, on the text-only questions as well.
    Curriculum: at most one shape per image at first, growing to four.
 3. **Joint tuning.** Everything trains, at a lower learning rate.
+4. **Binding focus.** Vision frozen; the questions that name one object of
+   several (color, shape, position, exists) are drawn three times as often.
 
 The loss covers the answer tokens (and EOS) only. The output folder loads in
 transformers and vLLM (see ``vllm_sab.testing.save_vlm``), in float16 to stay
@@ -75,6 +77,17 @@ class TrainConfig:
     batch: int = 32
     lr: float = 1e-3
     joint_lr: float = 3e-4
+    # Stage 4: binding focus, vision frozen again. After stage 3 every question
+    # about a one-shape image is right but several shapes confuse the model
+    # (which object does "the circle" mean?), while a linear probe reads each
+    # visual token's shape and color at 91% / 99%: the language model has not
+    # learned to bind, so this stage shows it mostly the binding questions.
+    focus_steps: int = 5000
+    focus_lr: float = 5e-4
+    focus_weights: tuple[tuple[str, int], ...] = (
+        ("color", 3), ("shape", 3), ("position", 3), ("exists", 3),
+        ("count", 1), ("read", 1), ("arithmetic", 1), ("compare", 1), ("sequence", 1),
+    )
     warmup: int = 200
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -237,15 +250,21 @@ def heldout_accuracy(model, processor, n: int) -> dict:
 
 
 def train_qa(model, tok, processor, cfg: TrainConfig, log: list, *, stage: str, sample_offset: int = 0) -> None:
-    """Stage 2 (``"align"``: vision frozen) or stage 3 (``"joint"``): answer-only LM loss."""
-    steps, peak = (cfg.align_steps, cfg.lr) if stage == "align" else (cfg.joint_steps, cfg.joint_lr)
+    """Stage 2 (``"align"``), 3 (``"joint"``) or 4 (``"focus"``): answer-only LM loss.
+
+    Every stage reads its own range of training samples, so a stage run later
+    from a saved model (``--init``) sees the samples it would in one run.
+    """
+    steps, peak = {"align": (cfg.align_steps, cfg.lr), "joint": (cfg.joint_steps, cfg.joint_lr),
+                   "focus": (cfg.focus_steps, cfg.focus_lr)}[stage]
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(stage == "joint")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
     n_img = (cfg.image_size // cfg.patch_size) ** 2
     image_token_id = model.config.image_token_index
-    offset = sample_offset + (0 if stage == "align" else cfg.align_steps * cfg.batch)
+    offset = sample_offset + {"align": 0, "joint": cfg.align_steps, "focus": cfg.align_steps + cfg.joint_steps}[stage] * cfg.batch
+    types = tuple(t for t, w in cfg.focus_weights for _ in range(w)) if stage == "focus" else shapesqa.QUESTION_TYPES
     t0, ema = time.perf_counter(), None
     model.train()
     for step in range(steps):
@@ -257,7 +276,7 @@ def train_qa(model, tok, processor, cfg: TrainConfig, log: list, *, stage: str, 
         else:
             max_shapes = 4
         start = offset + step * cfg.batch
-        batch = shapesqa.samples(shapesqa.TRAIN_SEED, cfg.batch, start=start, max_shapes=max_shapes)
+        batch = shapesqa.samples(shapesqa.TRAIN_SEED, cfg.batch, start=start, max_shapes=max_shapes, types=types)
         ids, labels, mask, pixels = _qa_batch(tok, processor, batch, n_img, image_token_id)
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
         opt.zero_grad()
@@ -280,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="models/shapes-llava", help="model folder to write")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (quick runs)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--stages", default="vision,align,joint", help="comma-separated stages to run, in order")
+    p.add_argument("--stages", default="vision,align,joint,focus", help="comma-separated stages to run, in order")
     p.add_argument("--init", default=None, help="start from this model folder's weights (continue training)")
     p.add_argument("--joint-steps", type=int, default=None, help="override TrainConfig.joint_steps")
     p.add_argument("--sample-offset", type=int, default=0, help="skip this many training samples (a continued run sees new ones)")
@@ -294,20 +313,25 @@ def main(argv: list[str] | None = None) -> int:
             vision_steps=max(1, round(cfg.vision_steps * args.scale)),
             align_steps=max(1, round(cfg.align_steps * args.scale)),
             joint_steps=max(1, round(cfg.joint_steps * args.scale)),
+            focus_steps=max(1, round(cfg.focus_steps * args.scale)),
             eval_every=max(1, round(cfg.eval_every * args.scale)),
         )
     if args.joint_steps is not None:
         cfg = replace(cfg, joint_steps=args.joint_steps)
     stages = [x.strip() for x in args.stages.split(",") if x.strip()]
-    unknown = set(stages) - {"vision", "align", "joint"}
+    unknown = set(stages) - {"vision", "align", "joint", "focus"}
     if unknown:
-        p.error(f"unknown stages {sorted(unknown)}; choose from vision, align, joint")
+        p.error(f"unknown stages {sorted(unknown)}; choose from vision, align, joint, focus")
     random.seed(cfg.seed)
     tok, model, processor = build_model(cfg)
     if args.init is not None:
         from vllm_sab.calibrate.evaluate import load_transformers
 
         model.load_state_dict(load_transformers(args.init).state_dict())
+        init_log_path = Path(args.init) / "train_log.json"
+        init_log = json.loads(init_log_path.read_text()) if init_log_path.exists() else None
+    else:
+        init_log = None
     n_img = (cfg.image_size // cfg.patch_size) ** 2
     _check_formatting(tok, processor, n_img, model.config.image_token_index)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tok)}", flush=True)
@@ -316,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if "vision" in stages:
         train_vision(model, processor, cfg, log)
-    for stage in ("align", "joint"):
+    for stage in ("align", "joint", "focus"):
         if stage in stages:
             train_qa(model, tok, processor, cfg, log, stage=stage, sample_offset=args.sample_offset)
     minutes = (time.perf_counter() - t0) / 60
@@ -327,10 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     # Final numbers from the float16 weights that ship, run in float32.
     final = heldout_accuracy(model.float(), processor, cfg.final_eval_samples)
     print(json.dumps({"final_heldout": final, "train_minutes": round(minutes, 1)}), flush=True)
-    (out / "train_log.json").write_text(
-        json.dumps({"config": asdict(cfg), "stages": stages, "init": args.init, "sample_offset": args.sample_offset, "train_minutes": round(minutes, 1),
-                    "threads": args.threads, "final_heldout": final, "log": log}, indent=1)
-    )
+    record = {"config": asdict(cfg), "stages": stages, "init": args.init, "sample_offset": args.sample_offset, "train_minutes": round(minutes, 1),
+              "threads": args.threads, "final_heldout": final, "log": log}
+    if init_log is not None:
+        record["init_log"] = init_log  # how the starting model was made
+    (out / "train_log.json").write_text(json.dumps(record, indent=1))
     return 0
 
 
