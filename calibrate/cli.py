@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="seed of the sample choice")
     data.add_argument("--skip-bad-samples", action="store_true", help="skip missing/corrupt samples (counted) instead of failing")
     data.add_argument(
-        "--token-pool", default="all", choices=["all", "text", "atv"],
-        help="tokens of the compensation Hessian: all, text only, or ATV-Pruning's text + drift-selected visual tokens",
+        "--token-pool", default=None, choices=["all", "text", "atv"],
+        help="tokens of the compensation Hessian: all, text only, or ATV-Pruning's text + drift-selected visual tokens "
+             "(default: atv for atv-prune and atv-prune+sab, all otherwise)",
     )
     data.add_argument("--atv-alpha", type=float, default=1.0, help="ATV pool: visual share multiplier alpha")
     p.add_argument(

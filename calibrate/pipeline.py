@@ -49,7 +49,7 @@ def calibrate(
     seed: int = 0,
     skip_bad_samples: bool = False,
     image_root: str | Path | None = None,
-    token_pool: str = "all",
+    token_pool: str | None = None,
     atv_alpha: float = 1.0,
     method_options: dict[str, Any] | None = None,
     resume: bool = False,
@@ -77,7 +77,9 @@ def calibrate(
         skip_bad_samples: skip (and count) missing or corrupt samples instead of failing.
         image_root: folder that relative image paths of a JSONL file refer to.
         token_pool: tokens of the compensation Hessian: ``all``, ``text`` or
-            ``atv`` (ATV-Pruning's text + drift-selected visual pool).
+            ``atv`` (ATV-Pruning's text + drift-selected visual pool); None
+            means the method's ``default_token_pool`` (``atv`` for the
+            ATV-Pruning methods, ``all`` otherwise).
         atv_alpha: ATV's alpha (visual share multiplier).
         method_options: extra constructor options of the method.
         resume: continue an interrupted run from ``<output>.partial`` (finished
@@ -99,10 +101,11 @@ def calibrate(
     check_output(output, overwrite)
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
-    if token_pool not in TOKEN_POOLS:
+    if token_pool is not None and token_pool not in TOKEN_POOLS:
         raise ValueError(f"unknown token pool {token_pool!r}; choose one of {', '.join(TOKEN_POOLS)}")
     adapter = adapter_for(model)
     quantizer = get_method(method, block_size=block_size, **(method_options or {}))
+    token_pool = token_pool or quantizer.default_token_pool
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = {
         "model": str(model), "method": method, "block_size": block_size, "quantize_vision": quantize_vision,

@@ -65,6 +65,13 @@ def test_atv_token_pool_and_report(tiny_vlm, tmp_path):
         assert 0 <= layer["output_rel_error"] < 1
 
 
+@pytest.mark.parametrize("method,pool", [("atv-prune", "atv"), ("billm", "all")])
+def test_token_pool_defaults_to_the_methods_own(tiny_vlm, tmp_path, method, pool):
+    """atv-prune without --token-pool is ATV-Pruning (the ATV pool), not Wanda; the binarizers use every token."""
+    ckpt = calibrate(tiny_vlm("llava"), tmp_path / "o", method=method, **_FAST)
+    assert json.loads((ckpt / "sab_report.json").read_text())["calibration"]["token_pool"] == pool
+
+
 def test_unknown_method_option_is_refused_before_any_work(tiny_vlm, tmp_path):
     with pytest.raises(ValueError, match="has no option"):
         calibrate(tiny_vlm("llava"), tmp_path / "o", method="billm", method_options={"nope": 1}, **_FAST)

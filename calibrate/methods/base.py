@@ -52,7 +52,8 @@ class Method:
 
     Subclasses set ``name`` (the ``--method`` value), ``needs_stats`` (whether
     :meth:`quantize` needs :class:`CalibrationStats`; data-free methods do not,
-    and the pipeline then skips calibration forwards) and implement
+    and the pipeline then skips calibration forwards), optionally
+    ``default_token_pool``, and implement
     :meth:`quantize`. A method sees one weight matrix at a time (a fused group
     is passed stacked along rows) and returns format v1 components; it never
     touches modules, hooks or files.
@@ -63,6 +64,9 @@ class Method:
 
     name: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = False
+    #: The calibration token pool used when the caller does not choose one
+    #: (``sab-calibrate --token-pool``): ``"all"``, ``"text"`` or ``"atv"``.
+    default_token_pool: ClassVar[str] = "all"
 
     def __init__(self, block_size: int = 128) -> None:
         LayerProfile(block_size=block_size)  # validates

@@ -213,9 +213,9 @@ class ATVPruneMethod(Method):
     pipeline's Hessian over its token pool. No weight update (Wanda has none).
     What makes it ATV-Pruning rather than Wanda is the pool:
 
-    * ``sab-calibrate --method atv-prune --token-pool atv``: ATV-Pruning (all
-      text tokens + the drift-selected visual tokens of each sample, per
-      layer; ``--atv-alpha`` is ATV's alpha, 1.0 in the paper);
+    * ``sab-calibrate --method atv-prune`` (the pool defaults to ``atv``):
+      ATV-Pruning (all text tokens + the drift-selected visual tokens of each
+      sample, per layer; ``--atv-alpha`` is ATV's alpha, 1.0 in the paper);
     * ``--token-pool all``: plain Wanda over every token.
 
     Unlike the binarizers this method returns a DENSE float32 weight, not
@@ -242,6 +242,7 @@ class ATVPruneMethod(Method):
 
     name = "atv-prune"
     needs_stats = True
+    default_token_pool: ClassVar[str] = "atv"
     dense_output: ClassVar[bool] = True
 
     def __init__(self, block_size: int = 128, sparsity: float | None = 0.5, pattern: str = "unstructured") -> None:
@@ -392,6 +393,7 @@ class ATVPruneSABMethod(SABMethod):
     """
 
     name = "atv-prune+sab"
+    default_token_pool: ClassVar[str] = "atv"
     dense_output: ClassVar[bool] = False
 
     def __init__(
