@@ -2,7 +2,9 @@
 
     python benchmarks/quality.py                         # all methods, writes benchmarks/results/quality.*
     python benchmarks/quality.py --methods sign arb-rc --num-samples 32
-    python benchmarks/quality.py --sab-variants          # the SAB-LVLM design choices (docs/methods.md)
+    python benchmarks/quality.py --study sab-variants    # the SAB-LVLM design choices (docs/methods.md)
+    python benchmarks/quality.py --study pruning         # ATV-Pruning vs Wanda at 50 / 60 % (issue 6)
+    python benchmarks/quality.py --study equal-bits      # bivlm vs sab vs arb-rc across block sizes
 
 For each method: ``sab-calibrate`` in a subprocess (wall time and peak
 resident memory of that process), then on the held-out ShapesQA split:
@@ -36,6 +38,24 @@ SAB_VARIANTS = {
     "sab (modality, balanced)": ["--option", "significance=modality", "--option", "compensation=balanced"],
     "sab (energy, pool, Lambda^1)": ["--option", "weight_power=1"],
 }
+# ATV-Pruning's pool against plain Wanda (every token), dense and combined with SAB.
+PRUNING = {
+    f"{label} {int(sp * 100)}%": (method, [*pool, "--option", f"sparsity={sp}"])
+    for sp in (0.5, 0.6)
+    for label, method, pool in (
+        ("wanda", "atv-prune", ["--token-pool", "all"]),
+        ("atv-prune", "atv-prune", ["--token-pool", "atv"]),
+        ("wanda+sab", "atv-prune+sab", ["--token-pool", "all"]),
+        ("atv-prune+sab", "atv-prune+sab", ["--token-pool", "atv"]),
+    )
+}
+# Block size trades scale storage for accuracy: a curve per method lets them be compared at equal true bits.
+EQUAL_BITS = {
+    f"{method} B={b}": (method, ["--block-size", str(b)])
+    for method in ("arb-rc", "sab", "bivlm")
+    for b in (128, 64, 32)
+}
+STUDIES = {"sab-variants": {k: ("sab", v) for k, v in SAB_VARIANTS.items()}, "pruning": PRUNING, "equal-bits": EQUAL_BITS}
 
 
 def _run_calibration(args: list[str]) -> tuple[float, float]:
@@ -53,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--sab-variants", action="store_true", help="run the SAB variants instead of the methods")
+    p.add_argument("--study", choices=sorted(STUDIES), default=None,
+                   help="run a predefined set of calibrations instead of --methods (results file named after it)")
     p.add_argument("--num-samples", type=int, default=128, help="calibration samples (builtin data)")
     p.add_argument("--eval-samples", type=int, default=900, help="held-out questions")
     p.add_argument("--vllm", action="store_true", help="also answer with vLLM and count disagreements")
     p.add_argument("--work", default=str(REPO / ".scratch" / "quality"), help="where checkpoints go")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results folder")
-    p.add_argument("--name", default=None, help="results file stem (default: quality or sab_variants)")
+    p.add_argument("--name", default=None, help="results file stem (default: quality or the study's name)")
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -72,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or ("sab_variants" if args.sab_variants else "quality")
-    runs = (
-        {label: ("sab", extra) for label, extra in SAB_VARIANTS.items()}
-        if args.sab_variants
-        else {m: (m, []) for m in args.methods}
-    )
+    name = args.name or (args.study.replace("-", "_") if args.study else "quality")
+    runs = STUDIES[args.study] if args.study else {m: (m, []) for m in args.methods}
     samples = shapesqa.samples(shapesqa.HELDOUT_SEED, args.eval_samples, balanced=True)
     processor = AutoProcessor.from_pretrained(args.model)
     reference = load_transformers(args.model)
@@ -90,12 +107,14 @@ def main(argv: list[str] | None = None) -> int:
                  "disagreements": fp.get("disagreements")})
     print(json.dumps({k: rows[-1][k] for k in ("method", "true_bits_per_weight")} | {"acc": rows[-1]["accuracy"]["overall"]}), flush=True)
     for label, (method, extra) in runs.items():
-        ckpt = work / label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "").replace("^", "")
+        ckpt = work / "".join(c if c.isalnum() or c in "+-" else "_" for c in label)
         seconds, peak_mib = _run_calibration(
             ["--model", args.model, "--output", str(ckpt), "--method", method, "--num-samples", str(args.num_samples),
              "--overwrite", "--no-progress", *extra]
         )
-        report = json.loads((ckpt / "sab_report.json").read_text())["summary"]
+        full_report = json.loads((ckpt / "sab_report.json").read_text())
+        report = full_report["summary"]
+        sparsity = [r["sparsity"] for r in full_report["layers"] if "sparsity" in r]
         res = evaluate(ckpt, engines=engines, num_samples=args.eval_samples)
         dist = compare_distributions(reference, load_transformers(ckpt), processor, samples)
         rows.append({
@@ -108,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             "disagreements": res.get("disagreements"),
             "calibration_seconds": round(seconds, 1),
             "calibration_peak_rss_mib": round(peak_mib),
+            "token_pool": full_report.get("calibration", {}).get("token_pool"),
         })
+        if sparsity:
+            rows[-1]["sparsity"] = sum(sparsity) / len(sparsity)
         print(json.dumps({k: rows[-1][k] for k in ("method", "true_bits_per_weight", "kl", "top1_agreement",
                                                    "calibration_seconds")} | {"acc": rows[-1]["accuracy"]["overall"]["accuracy"]}), flush=True)
 

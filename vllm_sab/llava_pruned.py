@@ -26,7 +26,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .token_pruning import _n_visual, num_kept, pruned_llava_processor, pruning_options, select_visual_tokens
+from .token_pruning import n_visual_tokens, num_kept, pruned_llava_processor, pruning_options, select_visual_tokens
 
 __all__ = ["SabPrunedLlavaForConditionalGeneration", "SabPrunedLlavaProcessingInfo"]
 
@@ -41,7 +41,7 @@ class SabPrunedLlavaProcessingInfo(LlavaProcessingInfo):
     def get_hf_processor(self, **kwargs: object):
         processor = super().get_hf_processor(**kwargs)
         config = self.get_hf_config()
-        return pruned_llava_processor(processor, _n_visual(config), pruning_options(config)[0])
+        return pruned_llava_processor(processor, n_visual_tokens(config), pruning_options(config)[0])
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -46,6 +46,7 @@ __all__ = [
     "CONFIG_SCORE",
     "SCORES",
     "VLLM_ARCHITECTURE",
+    "n_visual_tokens",
     "num_kept",
     "prune_transformers_llava",
     "pruning_options",
@@ -173,7 +174,8 @@ def vllm_hf_overrides(keep_ratio: float, score: str = "deviation") -> dict:
     return {"architectures": [VLLM_ARCHITECTURE], CONFIG_KEEP_RATIO: float(keep_ratio), CONFIG_SCORE: score}
 
 
-def _n_visual(config) -> int:
+def n_visual_tokens(config) -> int:
+    """Image tokens per image of a fixed-resolution LLaVA-1.5 config (patches, plus CLS for the "full" strategy)."""
     vc = config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
     return n + 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else n
@@ -236,4 +238,4 @@ def prune_transformers_llava(model, processor, keep_ratio: float, score: str = "
 
     inner._sab_unpruned_get_image_features = original
     inner.get_image_features = get_image_features
-    return pruned_llava_processor(processor, _n_visual(model.config), keep_ratio)
+    return pruned_llava_processor(processor, n_visual_tokens(model.config), keep_ratio)
