@@ -323,17 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sab-eval: error: {args.model}: no config.json (expected a model folder)", file=sys.stderr)
         return 2
     engines = ("transformers", "vllm") if args.engine == "both" else (args.engine,)
-    if not 0.0 < args.visual_keep_ratio <= 1.0:
-        print(f"sab-eval: error: --visual-keep-ratio must be in (0, 1], got {args.visual_keep_ratio}", file=sys.stderr)
+    try:
+        result = evaluate(
+            args.model, engines=engines, num_samples=args.num_samples, seed=args.seed,
+            batch_size=args.batch_size, reference=args.reference,
+            visual_keep_ratio=args.visual_keep_ratio, visual_token_score=args.visual_token_score,
+        )
+    except ValueError as e:  # bad options (checked before any model is loaded), or a non-LLaVA model with pruning
+        print(f"sab-eval: error: {e}", file=sys.stderr)
         return 2
-    if args.reference and args.visual_keep_ratio != 1.0:
-        print("sab-eval: error: --reference cannot be combined with --visual-keep-ratio below 1", file=sys.stderr)
-        return 2
-    result = evaluate(
-        args.model, engines=engines, num_samples=args.num_samples, seed=args.seed,
-        batch_size=args.batch_size, reference=args.reference,
-        visual_keep_ratio=args.visual_keep_ratio, visual_token_score=args.visual_token_score,
-    )
     print(format_table(result))
     if "distribution" in result:
         d = result["distribution"]

@@ -203,3 +203,24 @@ def test_cli_refuses_bad_method_options(tmp_path, capsys, tiny_vlm):
     assert cli_main([*base, "--method", "sign", "--option", "percdamp=0.1"]) == 2
     assert "has no option percdamp" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--visual-keep-ratio", "0"], "keep_ratio must be a number in (0, 1]"),
+    (["--visual-keep-ratio", "1.5"], "keep_ratio must be a number in (0, 1]"),
+    (["--visual-keep-ratio", "0.5", "--reference", "REF"], "cannot be combined with visual-token pruning"),
+])
+def test_sab_eval_refuses_bad_pruning_options(tiny_vlm, capsys, extra, message):
+    from vllm_sab.calibrate.evaluate import main as eval_main
+
+    model = str(tiny_vlm("llava"))
+    extra = [model if a == "REF" else a for a in extra]
+    assert eval_main(["--model", model, "--num-samples", "9", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sab_eval_refuses_pruning_a_qwen_model(tiny_vlm, capsys):
+    from vllm_sab.calibrate.evaluate import main as eval_main
+
+    assert eval_main(["--model", str(tiny_vlm("qwen2_vl")), "--num-samples", "9", "--visual-keep-ratio", "0.5"]) == 2
+    assert "LLaVA only" in capsys.readouterr().err
