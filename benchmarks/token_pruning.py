@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--method", "sab", "--overwrite", "--no-progress"], check=True, stdout=subprocess.DEVNULL)
     processor = AutoProcessor.from_pretrained(args.model)
     samples = shapesqa.samples(shapesqa.HELDOUT_SEED, args.eval_samples, balanced=True)
-    timed = [s for s in shapesqa.samples(shapesqa.HELDOUT_SEED + 100, args.prefill_prompts, balanced=False,
-                                         types=shapesqa.VISUAL_TYPES)]
+    timed = shapesqa.samples(shapesqa.HELDOUT_SEED + 100, args.prefill_prompts, types=shapesqa.VISUAL_TYPES)
     chance = shapesqa.chance_accuracy(samples)
     n_visual = n_visual_tokens(AutoConfig.from_pretrained(args.model))
 

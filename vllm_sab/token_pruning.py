@@ -64,9 +64,12 @@ CONFIG_KEEP_RATIO = "sab_visual_keep_ratio"
 CONFIG_SCORE = "sab_visual_token_score"
 
 
-def _check(keep_ratio: float, score: str) -> None:
+def _check_ratio(keep_ratio: float) -> None:
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"visual keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+
+
+def _check_score(score: str) -> None:
     if score not in SCORES:
         raise ValueError(f"unknown visual token score {score!r}; expected one of {', '.join(SCORES)}")
 
@@ -81,7 +84,7 @@ def num_kept(n_visual: int, keep_ratio: float) -> int:
     Raises:
         ValueError: ``keep_ratio`` outside (0, 1] or ``n_visual < 1``.
     """
-    _check(keep_ratio, SCORES[0])
+    _check_ratio(keep_ratio)
     if n_visual < 1:
         raise ValueError(f"n_visual must be >= 1, got {n_visual}")
     # The small epsilon keeps e.g. 0.3 * 10 (= 3.0000000000000004) at 3.
@@ -101,7 +104,7 @@ def token_scores(features: torch.Tensor, score: str = "deviation") -> torch.Tens
     Raises:
         ValueError: unknown ``score``.
     """
-    _check(1.0, score)
+    _check_score(score)
     x = features.float()
     if score == "norm":
         return x.norm(dim=-1)
@@ -127,7 +130,8 @@ def select_visual_tokens(features: torch.Tensor, keep_ratio: float, score: str =
     Raises:
         ValueError: bad ``keep_ratio`` or ``score``, or ``features`` not 2-D/3-D.
     """
-    _check(keep_ratio, score)
+    _check_ratio(keep_ratio)
+    _check_score(score)
     if features.dim() not in (2, 3):
         raise ValueError(f"features must be [n_visual, hidden] or [batch, n_visual, hidden], got shape {tuple(features.shape)}")
     k = num_kept(features.shape[-2], keep_ratio)
@@ -154,7 +158,8 @@ def pruning_options(config) -> tuple[float, str]:
     ratio = 1.0 if ratio is None else ratio
     score = "deviation" if score is None else score
     try:
-        _check(ratio, score)
+        _check_ratio(ratio)
+        _check_score(score)
     except ValueError as e:
         raise ValueError(f"model config {CONFIG_KEEP_RATIO}={ratio!r} / {CONFIG_SCORE}={score!r}: {e}") from None
     return float(ratio), score
@@ -170,7 +175,8 @@ def vllm_hf_overrides(keep_ratio: float, score: str = "deviation") -> dict:
     Raises:
         ValueError: bad ``keep_ratio`` or ``score``.
     """
-    _check(keep_ratio, score)
+    _check_ratio(keep_ratio)
+    _check_score(score)
     return {"architectures": [VLLM_ARCHITECTURE], CONFIG_KEEP_RATIO: float(keep_ratio), CONFIG_SCORE: score}
 
 
@@ -220,7 +226,8 @@ def prune_transformers_llava(model, processor, keep_ratio: float, score: str = "
         ValueError: not a LLaVA model (Qwen2-VL's mRoPE: see the module
             docstring), or bad ``keep_ratio`` / ``score``.
     """
-    _check(keep_ratio, score)
+    _check_ratio(keep_ratio)
+    _check_score(score)
     if getattr(model.config, "model_type", None) != "llava":
         raise ValueError(
             f"visual-token pruning supports LLaVA only, got model_type {getattr(model.config, 'model_type', None)!r} "
