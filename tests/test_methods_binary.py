@@ -36,8 +36,8 @@ from vllm_sab.calibrate.methods.blockwise import (
     salient_count_search,
     select_salient_columns,
 )
-from vllm_sab.calibrate.methods.hessian import inverse_cholesky_upper, prepare_hessian
 from vllm_sab.calibrate.methods.sign import SignMethod
+from method_helpers import assert_block_compensation, stats_from
 from vllm_sab.format import FormatError, compose, pack, unpack
 
 METHODS = {"billm": BiLLMMethod, "arb-x": ARBXMethod, "arb-rc": ARBRCMethod}
@@ -63,10 +63,6 @@ def outlier_weight(n: int, k: int, seed: int = 1) -> torch.Tensor:
     cols = torch.randperm(k, generator=g)[: max(2, k // 40)]
     w[:, cols] *= 8.0
     return w
-
-
-def stats_from(x: torch.Tensor) -> CalibrationStats:
-    return CalibrationStats(hessian=2.0 / x.shape[0] * x.T @ x, n_tokens=x.shape[0])
 
 
 def identity_stats(k: int) -> CalibrationStats:
@@ -313,14 +309,7 @@ def test_compensation_is_interblock_gptq_update(name):
     m = cls(block_size=b, salient_columns=3)
     m.seen = []
     res = m.quantize_blocks(w, st)
-    h, w0 = prepare_hessian(st.hessian, w)
-    u = inverse_cholesky_upper(h, 0.01)
-    expect = w0.clone()
-    for i in range(k // b):
-        c = slice(i * b, (i + 1) * b)
-        torch.testing.assert_close(m.seen[i], expect[:, c], rtol=1e-5, atol=1e-6)
-        err = (expect[:, c] - res.dense[:, c]) / torch.diagonal(u)[c]
-        expect[:, (i + 1) * b :] -= err @ u[c, (i + 1) * b :]
+    assert_block_compensation(m.seen, res.dense, w, st, b)
     # The first block is fitted on the weight as given.
     assert torch.equal(m.seen[0], w[:, :b])
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from vllm_sab.calibrate.methods.arb import ARBRCMethod
-from vllm_sab.calibrate.methods.base import CalibrationStats
 from vllm_sab.calibrate.methods.bivlm import (
     DEFAULT_OUTLIER_MASSES,
     OUTLIER_GROUP,
@@ -32,7 +31,7 @@ from vllm_sab.calibrate.methods.bivlm import (
 )
 from vllm_sab.calibrate.methods.binarize import arb_refine, rc_refine
 from vllm_sab.calibrate.methods.blockwise import BlockwiseMethod
-from vllm_sab.calibrate.methods.hessian import inverse_cholesky_upper, prepare_hessian
+from method_helpers import assert_block_compensation, stats_from
 from vllm_sab.format import (
     FormatError,
     LayerProfile,
@@ -67,10 +66,6 @@ def student_t_weight(n: int, k: int, df: int = 3, seed: int = 1) -> torch.Tensor
     z = torch.randn(n, k, generator=g)
     chi2 = (torch.randn(n, k, df, generator=g) ** 2).sum(-1)
     return 0.02 * z / (chi2 / df).sqrt()
-
-
-def stats_from(x: torch.Tensor) -> CalibrationStats:
-    return CalibrationStats(hessian=2.0 / x.shape[0] * x.T @ x, n_tokens=x.shape[0])
 
 
 def s_matrix(k: int, seed: int = 0) -> torch.Tensor:
@@ -279,14 +274,7 @@ def test_compensation_uses_exactly_the_composed_blocks():
     m.seen = []
     res = m.quantize_blocks(w, st)
     assert isinstance(m, BlockwiseMethod) and BiVLMMethod.needs_stats and BiVLMMethod.name == "bivlm"
-    h, w0 = prepare_hessian(st.hessian, w)
-    u = inverse_cholesky_upper(h, 0.01)
-    expect = w0.clone()
-    for i in range(k // b):
-        c = slice(i * b, (i + 1) * b)
-        torch.testing.assert_close(m.seen[i], expect[:, c], rtol=1e-5, atol=1e-6)
-        err = (expect[:, c] - res.dense[:, c]) / torch.diagonal(u)[c]
-        expect[:, (i + 1) * b :] -= err @ u[c, (i + 1) * b :]
+    assert_block_compensation(m.seen, res.dense, w, st, b)
     # The zone index of every weight is its Gaussian group (block 0 sees the weight as given).
     groups = gaussian_quantile_groups(w[:, :b], 0.02).group
     assert torch.equal(res.components.zone[:, :b].to(torch.int64), groups)
