@@ -263,11 +263,13 @@ def heldout_accuracy(model, processor, n: int) -> dict:
     return {k: round(v["accuracy"], 3) for k, v in shapesqa.score(answers, samples).items()}
 
 
-def grounding_loss(model, tok, pixels: torch.Tensor, scenes: list[shapesqa.Scene], grid: int) -> torch.Tensor:
+def grounding_loss(model, word_ids: dict[str, list[int]], pixels: torch.Tensor, scenes: list[shapesqa.Scene],
+                   grid: int) -> torch.Tensor:
     """Mean ``1 - cos(v_i, e(color) + e(shape))`` over the visual tokens that lie in an object's quadrant.
 
     ``v_i`` is projected visual token ``i`` (what the language model reads),
-    ``e(w)`` the mean input embedding (detached) of word ``w``'s tokens. Every
+    ``e(w)`` the mean input embedding (detached) of word ``w``'s tokens
+    (``word_ids[w]``, the tokens of ``" " + w``). Every
     patch of a quadrant belongs to the quadrant's object (the renderer
     centres one object per quadrant). Returns a scalar float32 tensor.
     """
@@ -278,7 +280,7 @@ def grounding_loss(model, tok, pixels: torch.Tensor, scenes: list[shapesqa.Scene
     table = model.get_input_embeddings().weight.detach()
 
     def word(w: str) -> torch.Tensor:
-        return table[tok(" " + w, add_special_tokens=False).input_ids].mean(0)
+        return table[word_ids[w]].mean(0)
 
     half = grid // 2
     got, want = [], []
@@ -313,6 +315,7 @@ def train_qa(model, tok, processor, cfg: TrainConfig, log: list, *, stage: str, 
     offset = sample_offset + starts[stage] * cfg.batch
     types = tuple(t for t, w in cfg.focus_weights for _ in range(w)) if stage in ("focus", "ground") else shapesqa.QUESTION_TYPES
     grid = cfg.image_size // cfg.patch_size
+    word_ids = {w: tok(" " + w, add_special_tokens=False).input_ids for w in (*shapesqa.COLORS, *shapesqa.SHAPES)}
     t0, ema = time.perf_counter(), None
     model.train()
     for step in range(steps):
@@ -330,7 +333,7 @@ def train_qa(model, tok, processor, cfg: TrainConfig, log: list, *, stage: str, 
         loss = out.loss
         if stage == "ground" and pixels is not None:
             loss = loss + cfg.ground_weight * grounding_loss(
-                model, tok, pixels, [s.scene for s in batch if s.scene is not None], grid)
+                model, word_ids, pixels, [s.scene for s in batch if s.scene is not None], grid)
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(params, cfg.grad_clip)
