@@ -82,7 +82,9 @@ _QWEN_SPECIAL = [
     "<|video_pad|>",
 ]
 
-# LLaVA-1.5 style ("USER: <image>\n... ASSISTANT:"), images rendered first.
+# LLaVA-1.5 style ("USER: <image>\n... ASSISTANT:"). Content parts are rendered in
+# the order given, so a question may come before its image (LLaVA-1.5's own
+# instruction data has both orders).
 _LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}"
@@ -94,10 +96,8 @@ _LLAVA_CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
     "{% else %}"
     "{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' or c['type'] == 'image_url' or c['type'] == 'image_pil' %}{{ '<image>\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% for c in message['content'] %}"
-    "{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}"
+    "{% if c['type'] == 'image' or c['type'] == 'image_url' or c['type'] == 'image_pil' %}{{ '<image>\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}"
     "{% endfor %}"
     "{% endif %}"
     "{% endif %}"
