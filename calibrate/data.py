@@ -448,8 +448,10 @@ def builtin_samples(n: int, seed: int = 0) -> CalibrationData:
         seed: selects the questions (same seed, same samples, across runs).
 
     Returns:
-        :class:`CalibrationData`: user turn (image part first, when there is an image)
-        and the answer as assistant turn; sources ``"shapesqa:train:INDEX"``.
+        :class:`CalibrationData`: user turn as the model is asked at inference
+        (:func:`vllm_sab.shapesqa.chat_content`: the question, then the image part
+        when there is an image) and the answer as assistant turn; sources
+        ``"shapesqa:train:INDEX"``.
 
     Raises:
         ValueError: ``n < 1``.
@@ -463,9 +465,8 @@ def builtin_samples(n: int, seed: int = 0) -> CalibrationData:
         s = shapesqa.make_sample(shapesqa.TRAIN_SEED, i)
         image = s.image
         source = f"shapesqa:train:{i}"
-        out.append(
-            CalibrationSample(_prompt_messages(s.question, s.answer, has_image=image is not None, source=source), image, source)
-        )
+        messages = [{"role": "user", "content": shapesqa.chat_content(s)}, {"role": "assistant", "content": s.answer}]
+        out.append(CalibrationSample(messages, image, source))
     return out
 
 

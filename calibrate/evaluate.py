@@ -32,8 +32,8 @@ MAX_NEW_TOKENS = 6
 
 
 def chat_prompt(processor, sample: shapesqa.Sample) -> str:
-    """The chat-templated prompt of ``sample`` (an image part first when it has an image)."""
-    content = ([{"type": "image"}] if sample.scene is not None else []) + [{"type": "text", "text": sample.question}]
+    """The chat-templated prompt of ``sample`` (:func:`vllm_sab.shapesqa.chat_content`: question, then image)."""
+    content = shapesqa.chat_content(sample)
     return processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )

@@ -250,7 +250,7 @@ def test_builtin_is_deterministic_and_mixes_image_and_text():
     assert with_image and text_only
     for s in with_image:
         assert s.image.size == (64, 64) and s.image.mode == "RGB"
-        assert s.messages[0]["content"][0] == {"type": "image"}
+        assert s.messages[0]["content"][1] == {"type": "image"}  # after the question, as at inference
     for s in a:
         assert [m["role"] for m in s.messages] == ["user", "assistant"]
         assert isinstance(s.messages[1]["content"], str) and s.messages[1]["content"]
@@ -356,3 +356,21 @@ def test_encode_truncation_keeps_image_tokens(tiny, arch):
     assert encode(processor, IMAGE_SAMPLE, max_seq_len=last_image).num_visual_tokens == full.num_visual_tokens
     with pytest.raises(CalibrationDataError, match=rf"test:image: the image takes {full.num_visual_tokens} tokens"):
         encode(processor, IMAGE_SAMPLE, max_seq_len=last_image - 1)
+
+
+def test_builtin_prompts_are_the_evaluation_prompts(tiny):
+    """Calibration sees ShapesQA questions exactly as the model is asked them (question, then image)."""
+    from vllm_sab import shapesqa
+    from vllm_sab.calibrate.evaluate import chat_prompt
+
+    processor, _, _ = tiny("llava")
+    data = builtin_samples(12, seed=3)
+    assert any(s.image is not None for s in data) and any(s.image is None for s in data)
+    for s in data:
+        index = int(s.source.rsplit(":", 1)[1])
+        original = shapesqa.make_sample(shapesqa.TRAIN_SEED, index)
+        rendered = processor.apply_chat_template(s.messages[:1], add_generation_prompt=True, tokenize=False)
+        assert rendered == chat_prompt(processor, original)
+        if s.image is not None:
+            assert rendered.index(original.question) < rendered.index("<image>")
+        assert s.messages[1] == {"role": "assistant", "content": original.answer}

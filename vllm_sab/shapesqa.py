@@ -52,6 +52,7 @@ __all__ = [
     "Sample",
     "Scene",
     "chance_accuracy",
+    "chat_content",
     "corpus",
     "make_sample",
     "make_scene",
@@ -136,6 +137,25 @@ class Sample:
         if self._image is None:
             object.__setattr__(self, "_image", render(self.scene))
         return self._image
+
+
+def chat_content(sample: Sample) -> list[dict]:
+    """The user turn's content parts of ``sample``: the question, then its image (if any).
+
+    Returns ``[{"type": "text", "text": question}, {"type": "image"}]`` (the image
+    part only for questions with an image), for ``apply_chat_template``.
+
+    The question comes first so that the visual tokens, which follow it in the
+    causal language model, can attend to it: each image token can tell
+    whether its object is the one the question names ("the circle", "a purple
+    cross"), and the answer only has to find the token that says so. With the
+    image first, the answer position itself has to match the question's words
+    against every visual token, which the small ShapesQA model learned only
+    partly (see ``models/shapes-llava/README.md``). LLaVA-1.5's instruction
+    data uses both orders. Training, calibration and evaluation all build
+    their prompts from this one function.
+    """
+    return [{"type": "text", "text": sample.question}] + ([{"type": "image"}] if sample.scene is not None else [])
 
 
 def _rng(seed: int, index: int, salt: str = "") -> random.Random:
