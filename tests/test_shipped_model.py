@@ -13,17 +13,16 @@ MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-llava"
 
 
 def test_shipped_model_is_small_and_answers_heldout_questions():
-    """Under 30 MB; on the 900 held-out questions of its model card the solved types stay solved."""
+    """Under 30 MB; on the 900 held-out questions of its model card: >= 85 % overall (the
+    issue's bar) and every question type far above its chance level."""
     size = sum(f.stat().st_size for f in MODEL.iterdir())
     assert size < 30e6
     res = evaluate(MODEL, engines=("transformers",), num_samples=900)
     scores = res["engines"]["transformers"]["scores"]
-    for t in ("count", "read", "arithmetic", "compare", "sequence"):
-        assert scores[t]["accuracy"] >= 0.9, (t, scores[t])
-    assert scores["overall"]["accuracy"] >= 0.8
+    assert scores["overall"]["accuracy"] >= 0.85
     for t in shapesqa.QUESTION_TYPES:
-        if t != "exists":  # see the model card: binding questions are only partly learned
-            assert scores[t]["accuracy"] > res["chance"][t] + 0.1, (t, scores[t], res["chance"][t])
+        assert scores[t]["accuracy"] >= 0.9, (t, scores[t])
+        assert scores[t]["accuracy"] > res["chance"][t] + 0.3, (t, scores[t], res["chance"][t])
 
 
 @pytest.mark.vllm
