@@ -28,7 +28,8 @@ def load_dequantized(model_dir: str | Path, dtype: torch.dtype | None = None) ->
             and cast.
 
     Returns:
-        The model in eval mode on CPU.
+        The model in eval mode on CPU, with the folder's ``generation_config.json``
+        (stop tokens) when it has one.
 
     Raises:
         FormatError: the checkpoint is not valid format v1.
@@ -72,4 +73,8 @@ def load_dequantized(model_dir: str | Path, dtype: torch.dtype | None = None) ->
     if missing or unexpected:
         raise ValueError(f"{model_dir}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
+    if (model_dir / "generation_config.json").is_file():
+        # The checkpoint's stop tokens (e.g. Qwen's [im_end, endoftext]); vLLM
+        # reads them too, so greedy generation ends at the same token in both.
+        model.generation_config = transformers.GenerationConfig.from_pretrained(model_dir)
     return model.to(dtype).eval()

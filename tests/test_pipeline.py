@@ -92,3 +92,14 @@ def test_nan_weight_names_the_layer(tiny_vlm, tmp_path):
     with pytest.raises(FloatingPointError, match=r"layers\.1"):
         calibrate(bad, tmp_path / "o", method="billm", **_FAST)
     assert not (tmp_path / "o").exists()
+
+
+def test_dequantized_reference_keeps_the_checkpoints_stop_tokens(tiny_vlm, tmp_path):
+    """The transformers reference of a sab checkpoint stops where vLLM does: it carries the
+    folder's generation_config (the tiny Qwen2.5-VL stops on two ids, [2, 0])."""
+    from vllm_sab.calibrate.reference_model import load_dequantized
+
+    ckpt = calibrate(tiny_vlm("qwen2_5_vl"), tmp_path / "o", method="sign", progress=False)
+    want = json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
+    assert isinstance(want, list) and len(want) == 2
+    assert load_dequantized(ckpt, torch.float32).generation_config.eos_token_id == want
