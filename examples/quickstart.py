@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     for s, sab, fp in zip(samples, sab_answers, fp_answers):
-        what = "image + question" if s.image else "text question"
+        what = "question + image" if s.image else "text question"
         print(f"[{s.qtype}, {what}] {s.question}")
         print(f"    sab ({args.method}, vLLM): {sab!r}   full precision: {fp!r}   expected: {s.answer!r}")
     right = sum(shapesqa.normalize_answer(a) == shapesqa.normalize_answer(s.answer) for a, s in zip(sab_answers, samples))
