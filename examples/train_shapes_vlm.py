@@ -167,6 +167,13 @@ class VisionHeads(nn.Module):
         return {"kind": self.kind(quads), "color": self.color(quads), "word": self.word(quads), "quadrant": self.quadrant(f)}
 
 
+def _patch_quadrants(grid: int) -> torch.Tensor:
+    """Quadrant (0 top left, 1 top right, 2 bottom left, 3 bottom right) of each patch, long ``[grid * grid]``, raster order."""
+    rows = torch.arange(grid).repeat_interleave(grid) // (grid // 2)
+    cols = torch.arange(grid).repeat(grid) // (grid // 2)
+    return rows * 2 + cols
+
+
 def _vision_labels(scenes: list[shapesqa.Scene], grid: int) -> dict[str, torch.Tensor]:
     colors = sorted(shapesqa.COLORS)
     kind = torch.zeros(len(scenes), 4, dtype=torch.long)
@@ -179,9 +186,7 @@ def _vision_labels(scenes: list[shapesqa.Scene], grid: int) -> dict[str, torch.T
         if sc.text is not None:
             kind[i, sc.text_quadrant] = 1 + len(shapesqa.SHAPES)
             word[i, sc.text_quadrant] = shapesqa.WORDS.index(sc.text)
-    rows = torch.arange(grid).repeat_interleave(grid) // (grid // 2)
-    cols = torch.arange(grid).repeat(grid) // (grid // 2)
-    quadrant = (rows * 2 + cols).expand(len(scenes), -1)
+    quadrant = _patch_quadrants(grid).expand(len(scenes), -1)
     return {"kind": kind, "color": color, "word": word, "quadrant": quadrant}
 
 
@@ -282,10 +287,7 @@ def grounding_loss(visual: torch.Tensor, embeddings: torch.Tensor, word_ids: dic
     Unlike pulling tokens onto ``e(color) + e(shape)`` (tried: it cost color
     accuracy), it leaves room for the position and written-word features.
     """
-    half = grid // 2
-    rows = torch.arange(grid).repeat_interleave(grid) // half
-    cols = torch.arange(grid).repeat(grid) // half
-    patch_quadrant = rows * 2 + cols
+    patch_quadrant = _patch_quadrants(grid)
     colors = list(shapesqa.COLORS)
     color_lab = torch.full((len(scenes), grid * grid), -100, dtype=torch.long)
     shape_lab = torch.full_like(color_lab, -100)
