@@ -273,7 +273,7 @@ def grounding_loss(visual: torch.Tensor, embeddings: torch.Tensor, word_ids: dic
                    scenes: list[shapesqa.Scene], grid: int, temperature: float) -> torch.Tensor:
     """Cross-entropy of each object token's color and shape, read through the word embeddings.
 
-    ``visual`` (float32, ``(n_images, grid * grid, hidden)``) are the projected
+    ``visual`` (any float dtype, ``(n_images, grid * grid, hidden)``, raster order) are the projected
     visual tokens the language model reads, ``embeddings`` (``(vocab, hidden)``,
     detached) its input embedding table. For every patch in an object's
     quadrant (one object per quadrant), the logits over the six colors are
@@ -286,6 +286,9 @@ def grounding_loss(visual: torch.Tensor, embeddings: torch.Tensor, word_ids: dic
     dot product can compare "purple" in the question with a purple object.
     Unlike pulling tokens onto ``e(color) + e(shape)`` (tried: it cost color
     accuracy), it leaves room for the position and written-word features.
+    Our own auxiliary loss (no paper); ``scenes`` must be those of ``visual``'s
+    images, in order. Raises ``ValueError`` (from ``index``) for a color or
+    shape outside ShapesQA's.
     """
     patch_quadrant = _patch_quadrants(grid)
     colors = list(shapesqa.COLORS)

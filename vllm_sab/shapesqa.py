@@ -150,8 +150,9 @@ def chat_content(sample: Sample) -> list[dict]:
     whether its object is the one the question names ("the circle", "a purple
     cross"), and the answer only has to find the token that says so. With the
     image first, the answer position itself has to match the question's words
-    against every visual token, which the small ShapesQA model learned only
-    partly (see ``models/shapes-llava/README.md``). LLaVA-1.5's instruction
+    against every visual token, which the previous (image-first) checkpoint of
+    the shipped model learned only partly (see ``models/shapes-llava/README.md``).
+    A model trained on this order should be asked in it. LLaVA-1.5's instruction
     data uses both orders. Training, calibration and evaluation all build
     their prompts from this one function.
     """
