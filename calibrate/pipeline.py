@@ -117,7 +117,6 @@ def calibrate(
     hf = adapter.load(model, _DTYPES[dtype]).eval()
     if getattr(hf.config, "quantization_config", None):
         raise ValueError(f"{model}: already quantized (config.json has a quantization_config)")
-    state = hf.state_dict()
 
     layers = adapter.layers(hf)
     layer_groups: list[list[list[tuple[str, nn.Linear]]]] = []
@@ -140,7 +139,7 @@ def calibrate(
                 kept[name] = lin
         vision_groups = [[(n, kept[n]) for n in g] for g in fused_groups(kept)]
 
-    results = _Results(adapter, state)
+    results = _Results(adapter)
     samples = None
     if quantizer.needs_stats:
         samples = _encoded_samples(model, hf, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root)
@@ -181,7 +180,10 @@ def calibrate(
         if partial.started:
             logger.error("finished layers are kept in %s; rerun with --resume to continue", partial.folder)
         raise
-    state = {adapter.checkpoint_name(k): v for k, v in results.state.items()}
+    # The saved state is read now, from the modules the loop left on CPU: moving a layer to the
+    # device and back gives its parameters new tensors, so a state_dict() taken before the loop
+    # would hold the weights as loaded, not the dense results written into the moved layer.
+    state = {adapter.checkpoint_name(k): v for k, v in results.final_state(hf).items()}
     quant_config = (
         fmt.SabQuantizationConfig(results.profiles, results.modules, method=method, extra={"block_size": block_size})
         if results.modules
@@ -207,26 +209,47 @@ def calibrate(
 
 
 class _Results:
-    """Everything the quantization produced so far: tensors, profiles, module list, reports."""
+    """Everything the quantization produced so far: packed tensors, dense results, profiles, module list, reports."""
 
-    def __init__(self, adapter, state: dict[str, torch.Tensor]):
+    def __init__(self, adapter):
         self.adapter = adapter
-        self.state = state
         self.profiles: dict[str, fmt.LayerProfile] = {}
         self.modules: dict[str, fmt.QuantizedModule] = {}
         self.reports: list[dict[str, Any]] = []
         self.calibration: dict[str, Any] = {}
         self.packed: dict[str, dict[str, torch.Tensor]] = {}  # in-memory name -> format v1 tensors
+        self.dense: dict[str, torch.Tensor] = {}  # in-memory name -> a dense method's new weight (CPU)
 
     def add(self, name: str, lin: nn.Linear, comp: fmt.BinaryComponents, tensors: dict, report: dict) -> None:
         p = comp.profile
         self.profiles[p.key] = p
         ckpt = self.adapter.checkpoint_name(name)
         self.modules[ckpt] = fmt.QuantizedModule(p.key, comp.shape)
-        self.state.pop(f"{name}.weight", None)
         self.packed[name] = {s: t.cpu() for s, t in tensors.items()}
-        self.state.update({f"{name}.{s}": t for s, t in self.packed[name].items()})
         self.reports.append(report)
+
+    def add_dense(self, name: str, weight: torch.Tensor, report: dict) -> None:
+        """Record a dense method's new ``weight`` ``[N, K]`` of module ``name`` (kept on CPU, for resume)."""
+        self.dense[name] = weight.detach().cpu()
+        self.reports.append(report)
+
+    def final_state(self, hf: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors to save, in memory names: ``hf``'s state as it is now (dense results are in
+        its modules), with each quantized module's ``.weight`` replaced by its packed tensors.
+
+        Raises:
+            RuntimeError: a dense result is not what the module holds (it was written into a
+                tensor that is no longer the module's).
+        """
+        state = hf.state_dict()
+        for name, weight in self.dense.items():
+            saved = state[f"{name}.weight"]
+            if not torch.equal(saved.cpu(), weight.to(saved.dtype)):
+                raise RuntimeError(f"{name}.weight: the module does not hold the method's dense result")
+        for name, tensors in self.packed.items():
+            state.pop(f"{name}.weight", None)
+            state.update({f"{name}.{s}": t for s, t in tensors.items()})
+        return state
 
     def mark(self) -> int:
         return len(self.reports)
@@ -237,7 +260,7 @@ class _Results:
         for r in self.reports[mark:]:
             mem = r["memory_name"]
             if r["profile"] == "dense":
-                out.append({"report": r, "profile": None, "tensors": {"weight": self.state[f"{mem}.weight"]}})
+                out.append({"report": r, "profile": None, "tensors": {"weight": self.dense[mem]}})
             else:
                 out.append({"report": r, "profile": self.profiles[r["profile"]], "tensors": self.packed[mem]})
         return out
@@ -251,13 +274,12 @@ class _Results:
             lin = linears[name]
             if p is None:  # dense method result
                 _set_weight(lin, tensors["weight"])
-                self.reports.append(r)
+                self.add_dense(name, tensors["weight"], r)
                 continue
             _set_weight(lin, fmt.dequantize(tensors, p, where=name))
             self.profiles[p.key] = p
             self.modules[self.adapter.checkpoint_name(name)] = fmt.QuantizedModule(p.key, tuple(r["shape"]))
-            self.state.pop(f"{name}.weight", None)
-            self.state.update({f"{name}.{s}": t for s, t in tensors.items()})
+            self.packed[name] = {s: t.cpu() for s, t in tensors.items()}
             self.reports.append(r)
 
 
@@ -326,7 +348,7 @@ def _dense_group(group, new_weight: torch.Tensor, weight: torch.Tensor, stats, s
                 max(float(((err @ h) * err).sum()), 0.0) / max(float(((w @ h) * w).sum()), 1e-30)
             )
         _set_weight(lin, w_new)
-        results.reports.append(report)
+        results.add_dense(name, w_new.to(lin.weight.dtype), report)
 
 
 def _encoded_samples(model, hf, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root):

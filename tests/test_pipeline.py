@@ -103,3 +103,56 @@ def test_dequantized_reference_keeps_the_checkpoints_stop_tokens(tiny_vlm, tmp_p
     want = json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
     assert isinstance(want, list) and len(want) == 2
     assert load_dequantized(ckpt, torch.float32).generation_config.eos_token_id == want
+
+
+def _copying_layer_moves(monkeypatch):
+    """Make every ``LlamaDecoderLayer.to(...)`` give its parameters new storage, as a CPU -> CUDA
+    move does (``param.data`` is replaced), so a tensor taken before the move goes stale."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    def copying_to(self, *args, **kwargs):
+        return self._apply(lambda t: t.clone())
+
+    monkeypatch.setattr(LlamaDecoderLayer, "to", copying_to)
+
+
+def test_pruned_weights_reach_the_checkpoint_when_layer_moves_copy(tiny_vlm, tmp_path, monkeypatch):
+    """atv-prune's dense results are saved (and resumed) even when moving a layer to the compute
+    device copies its tensors; the checkpoint equals the one of a run whose moves do not copy."""
+    from vllm_sab.calibrate.methods import ATVPruneMethod
+
+    model = tiny_vlm("llava")
+    plain = _tensors(calibrate(model, tmp_path / "plain", method="atv-prune", **_FAST))
+
+    _copying_layer_moves(monkeypatch)
+    ckpt = calibrate(model, tmp_path / "moved", method="atv-prune", **_FAST)
+    moved = _tensors(ckpt)
+    original = load_file(str(next(model.glob("*.safetensors"))))
+    report = json.loads((ckpt / "sab_report.json").read_text())
+    assert len(report["layers"]) == 14  # 2 decoder layers x 7 linears
+    for layer in report["layers"]:
+        key = f"{layer['name']}.weight"
+        w = moved[key]
+        assert layer["sparsity"] > 0.3
+        # what the report claims is what was saved: the pruned weight, not the original
+        assert float((w == 0).float().mean()) == pytest.approx(layer["sparsity"])
+        assert not torch.equal(w, original[key])
+    assert moved.keys() == plain.keys()
+    assert all(torch.equal(moved[k], plain[k]) for k in plain)
+
+    # Resume with copying moves: layer 0 comes from the partial folder, layer 1 is recomputed.
+    calls = []
+    orig_quantize = ATVPruneMethod.quantize
+
+    def dies_in_layer_1(self, weight, stats=None):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return orig_quantize(self, weight, stats)
+
+    monkeypatch.setattr(ATVPruneMethod, "quantize", dies_in_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, tmp_path / "resumed", method="atv-prune", **_FAST)
+    monkeypatch.setattr(ATVPruneMethod, "quantize", orig_quantize)
+    resumed = _tensors(calibrate(model, tmp_path / "resumed", method="atv-prune", resume=True, **_FAST))
+    assert all(torch.equal(resumed[k], plain[k]) for k in plain)
