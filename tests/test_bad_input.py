@@ -224,3 +224,61 @@ def test_sab_eval_refuses_pruning_a_qwen_model(tiny_vlm, capsys):
 
     assert eval_main(["--model", str(tiny_vlm("qwen2_vl")), "--num-samples", "9", "--visual-keep-ratio", "0.5"]) == 2
     assert "LLaVA only" in capsys.readouterr().err
+
+
+O_PROJ = "model.language_model.layers.0.self_attn.o_proj"
+
+
+@pytest.fixture(scope="module")
+def all_parts_ckpt(tmp_path_factory):
+    """A checkpoint with every optional tensor (permutation, column scales, offsets) of the tiny LLaVA."""
+    from test_e2e import AllPartsMethod
+    from vllm_sab.testing import build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("all-parts")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(METHODS, AllPartsMethod.name, AllPartsMethod)
+        return calibrate(build_tiny_vlm("llava", root / "tiny"), root / "sab", method=AllPartsMethod.name,
+                         progress=False)
+
+
+def _perm_out_of_range(t):
+    t[f"{O_PROJ}.weight_perm"][3] = 200  # block size 128
+
+
+def _perm_repeats(t):
+    p = t[f"{O_PROJ}.weight_perm"]
+    p[128 + 5] = p[128 + 6]  # in range, but block 1 is no longer a permutation
+
+
+def _nan_scale(t):
+    t[f"{O_PROJ}.weight_scale"][7, 1, 0] = float("nan")
+
+
+def _inf_col_scale(t):
+    t[f"{O_PROJ}.weight_col_scale"][0, 9] = float("inf")
+
+
+def _inf_offset(t):
+    t[f"{O_PROJ}.weight_offset"][0, 0, 0] = float("-inf")
+
+
+VALUE_CASES = {
+    "perm value >= block size": (_perm_out_of_range, r"self_attn\.o_proj: weight_perm block 0 is not a permutation of 0\.\.127"),
+    "perm repeats a column": (_perm_repeats, r"self_attn\.o_proj: weight_perm block 1 is not a permutation of 0\.\.127"),
+    "NaN scale": (_nan_scale, r"self_attn\.o_proj\.weight_scale: contains NaN or Inf"),
+    "Inf column scale": (_inf_col_scale, r"self_attn\.o_proj\.weight_col_scale: contains NaN or Inf"),
+    "Inf offset": (_inf_offset, r"self_attn\.o_proj\.weight_offset: contains NaN or Inf"),
+}
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("case", sorted(VALUE_CASES))
+def test_vllm_refuses_bad_tensor_values_at_load(all_parts_ckpt, tmp_path, make_llm, case):
+    """Values the headers cannot show (a bad in-block permutation, non-finite scales or offsets) are
+    refused when vLLM loads the layer, naming the vLLM module and the tensor, before any forward."""
+    edit, pattern = VALUE_CASES[case]
+    bad = _broken_copy(all_parts_ckpt, tmp_path / "bad", edit_tensors=edit)
+    fmt.validate_checkpoint(bad)  # headers are fine: only a value check can see this
+    with pytest.raises(Exception, match=r"language_model\.model\.layers\.0\." + pattern):
+        make_llm(bad, quantization="sab")

@@ -93,13 +93,21 @@ class SabLinearMethod(LinearMethodBase):
             layer.register_parameter(name, param)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Check every tensor (and every fused shard of it) was loaded.
+        """Check the loaded layer once, so that ``apply`` (the hot path) needs no checks.
+
+        Checks that every tensor (and every fused shard of it) was loaded, then the values
+        the safetensors headers cannot show (:func:`vllm_sab.format.validate` with
+        ``check_values``): each block of ``weight_perm`` is a permutation of
+        ``0..block_size-1`` (the kernels gather with it unchecked) and ``weight_scale``,
+        ``weight_col_scale`` and ``weight_offset`` are finite.
 
         Raises:
-            FormatError: naming the module, tensor and shard that the
-                checkpoint did not provide.
+            FormatError: naming the vLLM module and the tensor (and shard) that the
+                checkpoint did not provide or whose values are invalid.
         """
-        for name in fmt.tensor_specs(self.profile, *_nk(layer)):
+        n, k = _nk(layer)
+        specs = fmt.tensor_specs(self.profile, n, k)
+        for name in specs:
             got = layer.sab_loaded.get(name, set())
             if None in got:
                 continue
@@ -107,6 +115,7 @@ class SabLinearMethod(LinearMethodBase):
             if missing:
                 which = "" if missing == {None} else f" (shards {sorted(map(str, missing))})"
                 raise fmt.FormatError(f"{self.prefix}: tensor '{name}' missing from the checkpoint{which}")
+        fmt.validate({name: getattr(layer, name).data for name in specs}, self.profile, n, k, where=self.prefix)
         del layer.sab_loaded
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
