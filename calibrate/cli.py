@@ -72,6 +72,7 @@ def _parse_options(items: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (2 on a user error, with a one-line message)."""
     from . import calibrate
+    from .methods.hessian import HessianError
     from .models import UnsupportedArchitectureError
     from .writer import OutputExistsError
     from vllm_sab.format import FormatError
@@ -105,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             method_options=options,
             resume=args.resume,
         )
-    except (OutputExistsError, UnsupportedArchitectureError, FormatError, ValueError, OSError) as e:
-        print(f"sab-calibrate: error: {e}", file=sys.stderr)
+    except (OutputExistsError, UnsupportedArchitectureError, FormatError, ValueError, OSError,
+            HessianError, FloatingPointError) as e:
+        # User errors (bad input, data or settings; a layer the data cannot calibrate): the
+        # message names the file, layer or option. Anything else is a bug and keeps its traceback.
+        message = " ".join(str(e).splitlines())
+        print(f"sab-calibrate: error: {message}", file=sys.stderr)
         return 2
     summary = json.loads((out / REPORT_NAME).read_text())["summary"]
     print(

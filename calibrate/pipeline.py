@@ -9,6 +9,7 @@ tensors and finally writes the checkpoint atomically with a per-layer report.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -19,10 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vllm_sab import __version__
 from vllm_sab import format as fmt
 
 from .layerwise import TOKEN_POOLS, StatsAccumulator, capture_layer_inputs, collect_stats, run_layer
 from .methods import get_method
+from .methods.hessian import HessianError
 from .models import adapter_for, fused_groups
 from .resume import Partial
 from .writer import atomic_output, check_output, write_checkpoint
@@ -107,10 +110,18 @@ def calibrate(
     quantizer = get_method(method, block_size=block_size, **(method_options or {}))
     token_pool = token_pool or quantizer.default_token_pool
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    samples = None
+    if quantizer.needs_stats:
+        samples = _encoded_samples(model, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root)
     settings = {
         "model": str(model), "method": method, "block_size": block_size, "quantize_vision": quantize_vision,
         "dtype": dtype, "data": data, "num_samples": num_samples, "max_seq_len": max_seq_len, "seed": seed,
+        "skip_bad_samples": skip_bad_samples, "image_root": None if image_root is None else str(image_root),
         "token_pool": token_pool, "atv_alpha": atv_alpha, "method_options": method_options or {},
+        "vllm_sab_version": __version__,
+        # What the model is calibrated on, as encoded: another file with the same name, edited
+        # samples or images, or another processor all change it.
+        "data_fingerprint": None if samples is None else data_fingerprint(samples),
     }
     partial = Partial(Path(str(Path(output).resolve()) + ".partial"), settings, resume)
 
@@ -140,9 +151,7 @@ def calibrate(
         vision_groups = [[(n, kept[n]) for n in g] for g in fused_groups(kept)]
 
     results = _Results(adapter)
-    samples = None
     if quantizer.needs_stats:
-        samples = _encoded_samples(model, hf, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root)
         results.calibration = {"data": data or "builtin", "samples": len(samples), "token_pool": token_pool}
 
     # Vision tower and projector first: the decoder layers then see quantized visual tokens.
@@ -294,10 +303,11 @@ def _quantize_group(group, quantizer, stats, device, results: _Results, where: s
     if not bool(torch.isfinite(weight).all()):
         raise FloatingPointError(f"{group[0][0]}: NaN/Inf in the weights")
     sizes = [lin.out_features for _, lin in group]
+    result, extra = _run_method(quantizer, weight, stats, group)
     if getattr(quantizer, "dense_output", False):
-        _dense_group(group, quantizer.quantize(weight, stats), weight, stats, sizes, results)
+        _dense_group(group, result, weight, stats, sizes, results, extra)
         return
-    parts = quantizer.quantize(weight, stats).split_rows(sizes)
+    parts = result.split_rows(sizes)
     for (name, lin), comp, w in zip(group, parts, weight.split(sizes)):
         tensors = fmt.pack(comp, where=name)
         w_hat = fmt.dequantize(tensors, comp.profile, where=name, check=False)
@@ -314,6 +324,7 @@ def _quantize_group(group, quantizer, stats, device, results: _Results, where: s
             "true_bits_per_weight": fmt.true_bits_per_weight(comp.profile, n, k),
             "paper_weight_bits": fmt.paper_weight_bits(comp.profile),
             "rel_error": rel_err,
+            **extra,
         }
         if stats is not None:
             # Output error on the calibration inputs: tr(E H E^T) / tr(W H W^T).
@@ -325,7 +336,31 @@ def _quantize_group(group, quantizer, stats, device, results: _Results, where: s
         results.add(name, lin, comp, tensors, report)
 
 
-def _dense_group(group, new_weight: torch.Tensor, weight: torch.Tensor, stats, sizes, results: _Results) -> None:
+def _group_label(group) -> str:
+    """``a.q_proj`` or ``a.q_proj (fused with k_proj, v_proj)`` for error messages."""
+    first = group[0][0]
+    if len(group) == 1:
+        return first
+    return f"{first} (fused with {', '.join(n.rsplit('.', 1)[-1] for n, _ in group[1:])})"
+
+
+def _run_method(quantizer, weight: torch.Tensor, stats, group):
+    """``quantizer.quantize(weight, stats)`` and the method's extra report fields for this call.
+
+    Raises:
+        HessianError, FloatingPointError, ValueError: the method's error, prefixed with the
+            name of the layer (fused group) it was quantizing.
+    """
+    quantizer.last_report = {}
+    try:
+        result = quantizer.quantize(weight, stats)
+    except (HessianError, FloatingPointError, ValueError) as e:
+        raise type(e)(f"{_group_label(group)}: {e}") from e
+    return result, dict(quantizer.last_report or {})
+
+
+def _dense_group(group, new_weight: torch.Tensor, weight: torch.Tensor, stats, sizes, results: _Results,
+                 extra: dict) -> None:
     """A dense method's result (e.g. pruned weights): the modules keep a dense ``.weight``."""
     if tuple(new_weight.shape) != tuple(weight.shape) or not bool(torch.isfinite(new_weight).all()):
         raise FloatingPointError(f"{group[0][0]}: the method returned a bad dense weight")
@@ -341,6 +376,7 @@ def _dense_group(group, new_weight: torch.Tensor, weight: torch.Tensor, stats, s
             "paper_weight_bits": float(lin.weight.element_size() * 8),
             "sparsity": float((w_new == 0).float().mean()),
             "rel_error": float(err.norm() / w.norm().clamp_min(1e-30)),
+            **extra,
         }
         if stats is not None:
             h = stats.hessian
@@ -351,7 +387,20 @@ def _dense_group(group, new_weight: torch.Tensor, weight: torch.Tensor, stats, s
         results.add_dense(name, w_new.to(lin.weight.dtype), report)
 
 
-def _encoded_samples(model, hf, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root):
+def data_fingerprint(samples) -> str:
+    """SHA-256 (hex) of encoded calibration samples: every input tensor's name, dtype, shape and
+    bytes, and the visual mask, in sample order. Equal for the same data, processor and settings."""
+    digest = hashlib.sha256()
+    for enc in samples:
+        for name, t in sorted({**enc.inputs, "_visual_mask": enc.visual_mask}.items()):
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def _encoded_samples(model, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root):
     from transformers import AutoProcessor
 
     from . import data as calib_data

@@ -15,6 +15,13 @@ __all__ = ["Partial", "ResumeError"]
 
 _SETTINGS = "settings.json"
 
+#: What a differing setting means, for the ResumeError message.
+_EXPLAIN = {
+    "data_fingerprint": "the calibration samples (as encoded for the model) are not the ones the "
+    "interrupted run used, and finished layers were calibrated on those",
+    "vllm_sab_version": "the interrupted run was made by another vllm-sab version",
+}
+
 
 class ResumeError(ValueError):
     """``--resume`` found a partial run made with different settings."""
@@ -48,8 +55,9 @@ class Partial:
             old = json.loads(path.read_text())
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             if diff:
+                why = "".join(f"; {_EXPLAIN[k]}" for k in diff if k in _EXPLAIN)
                 raise ResumeError(
-                    f"{folder}: cannot resume, settings differ in {', '.join(diff)} "
+                    f"{folder}: cannot resume, settings differ in {', '.join(diff)}{why} "
                     "(run without --resume to start over)"
                 )
         elif folder.exists():

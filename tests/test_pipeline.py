@@ -156,3 +156,111 @@ def test_pruned_weights_reach_the_checkpoint_when_layer_moves_copy(tiny_vlm, tmp
     monkeypatch.setattr(ATVPruneMethod, "quantize", orig_quantize)
     resumed = _tensors(calibrate(model, tmp_path / "resumed", method="atv-prune", resume=True, **_FAST))
     assert all(torch.equal(resumed[k], plain[k]) for k in plain)
+
+
+def _shift_hessians(monkeypatch, fraction):
+    """Make every layer's compensation Hessian indefinite: shift it by ``-t I`` so that its smallest
+    eigenvalue is ``-fraction * mean(diag)`` of the shifted matrix. Cholesky of ``H + d mean(diag) I``
+    then succeeds only for ``d > fraction``. Returns the list of shifted Hessians."""
+    import vllm_sab.calibrate.pipeline as pipeline
+
+    real = pipeline.collect_stats
+    shifted = []
+
+    def collect(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        for st in stats.values():
+            h = st.hessian.double()
+            lam0, m = float(torch.linalg.eigvalsh(h)[0]), float(torch.diagonal(h).mean())
+            t = (lam0 + fraction * m) / (1 + fraction)
+            st.hessian = (h - t * torch.eye(h.shape[0], dtype=h.dtype)).float()
+            shifted.append(st.hessian)
+        return stats
+
+    monkeypatch.setattr(pipeline, "collect_stats", collect)
+    return shifted
+
+
+def test_report_gives_the_damping_used_after_retries(tiny_vlm, tmp_path, monkeypatch):
+    """Hessians that need 50x the nominal 1 % damping: the report gives 1.0 (two retries), per layer."""
+    model = tiny_vlm("llava")
+    plain = json.loads((calibrate(model, tmp_path / "a", method="billm", **_FAST) / "sab_report.json").read_text())
+    assert {r["percdamp"] for r in plain["layers"]} == {0.01}
+
+    shifted = _shift_hessians(monkeypatch, 0.5)
+    report = json.loads((calibrate(model, tmp_path / "b", method="billm", **_FAST) / "sab_report.json").read_text())
+    # Independent check of what the damping must be: 0.1 is not enough, 1.0 is.
+    for h in shifted:
+        h = h.double()
+        eye, m = torch.eye(h.shape[0], dtype=h.dtype), torch.diagonal(h).mean()
+        assert int(torch.linalg.cholesky_ex(h + 0.1 * m * eye).info) != 0
+        assert int(torch.linalg.cholesky_ex(h + 1.0 * m * eye).info) == 0
+    assert len(report["layers"]) == 14
+    assert all(r["percdamp"] == pytest.approx(1.0) for r in report["layers"])
+
+
+def test_method_hessian_error_names_the_layer_and_cli_exits_2(tiny_vlm, tmp_path, monkeypatch, capsys):
+    """A Hessian no damping retry can fix: the error names the layer (fused group) and the real
+    option that raises the damping; sab-calibrate prints that one line and exits 2."""
+    from vllm_sab.calibrate.cli import build_parser, main as cli_main
+    from vllm_sab.calibrate.methods.hessian import HessianError
+
+    _shift_hessians(monkeypatch, 1e4)
+    pattern = (r"^model\.language_model\.layers\.0\.self_attn\.q_proj \(fused with k_proj, v_proj\): "
+               r"billm compensation: the Hessian is not positive definite.*--option percdamp=VALUE")
+    with pytest.raises(HessianError, match=pattern):
+        calibrate(tiny_vlm("llava"), tmp_path / "o", method="billm", **_FAST)
+    args = ["--model", str(tiny_vlm("llava")), "--output", str(tmp_path / "cli"), "--method", "billm",
+            "--data", "builtin", "--num-samples", "4", "--max-seq-len", "192", "--no-progress"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("sab-calibrate:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith("sab-calibrate: error: model.language_model.layers.0.self_attn.q_proj")
+    assert "--percdamp" not in " ".join(build_parser().format_help().split()).replace("percdamp=", "")
+    build_parser().parse_args(["--model", "m", "--output", "o", "--option", "percdamp=0.1"])  # the named option parses
+
+
+def _jsonl(folder, colors):
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    lines = []
+    for i, color in enumerate(colors):
+        Image.new("RGB", (40, 40), color).save(folder / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "text": "What color is it?", "answer": "red"}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+def test_resume_refuses_other_data_and_other_data_settings(tiny_vlm, tmp_path, monkeypatch):
+    """The partial run's settings cover what the calibration saw: the same file name with other
+    images is refused (data fingerprint), so is another skip_bad_samples or image_root."""
+    model = tiny_vlm("llava")
+    data = _jsonl(tmp_path / "d", [(200, 30, 30), (30, 200, 30), (30, 30, 200), (90, 90, 90)])
+    calls = []
+    original = ARBRCMethod.quantize
+
+    def dies_in_layer_1(self, weight, stats=None):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return original(self, weight, stats)
+
+    monkeypatch.setattr(ARBRCMethod, "quantize", dies_in_layer_1)
+    run = dict(method="arb-rc", data=str(data), **_FAST)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, tmp_path / "o", **run)
+    monkeypatch.setattr(ARBRCMethod, "quantize", original)
+    settings = json.loads((tmp_path / "o.partial" / "settings.json").read_text())
+    assert settings["vllm_sab_version"] == __import__("vllm_sab").__version__
+    assert len(settings["data_fingerprint"]) == 64
+
+    with pytest.raises(ResumeError, match="skip_bad_samples"):
+        calibrate(model, tmp_path / "o", resume=True, skip_bad_samples=True, **run)
+    with pytest.raises(ResumeError, match="image_root"):
+        calibrate(model, tmp_path / "o", resume=True, image_root=str(tmp_path / "d"), **run)
+    _jsonl(tmp_path / "d", [(200, 30, 30), (30, 200, 30), (30, 30, 200), (250, 250, 0)])  # one image changed
+    with pytest.raises(ResumeError, match=r"data_fingerprint; the calibration samples .* are not the ones"):
+        calibrate(model, tmp_path / "o", resume=True, **run)
+    assert (tmp_path / "o.partial").is_dir() and not (tmp_path / "o").exists()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -71,6 +71,10 @@ class Method:
     def __init__(self, block_size: int = 128) -> None:
         LayerProfile(block_size=block_size)  # validates
         self.block_size = block_size
+        #: Extra fields of the last :meth:`quantize` call for its layer's report entry
+        #: (e.g. ``{"percdamp": d}``, the damping actually used after retries); the
+        #: pipeline clears it before each call and copies it into ``sab_report.json``.
+        self.last_report: dict[str, Any] = {}
 
     def quantize(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> BinaryComponents:
         """Binarize ``weight`` (float32 ``[N, K]``, K a multiple of ``block_size``).

@@ -32,7 +32,7 @@ from vllm_sab.format import BinaryComponents, LayerProfile, compose, tensor_spec
 
 from .base import CalibrationStats, Method
 from .binarize import ZoneFit, linear_quantiles, residual_binarize, to_fp16
-from .hessian import inverse_cholesky_upper, prepare_hessian
+from .hessian import damped_inverse_cholesky_upper, prepare_hessian
 
 __all__ = [
     "BREAK_POINT_QUANTILES",
@@ -461,7 +461,8 @@ class BlockContext:
         profile: the layer profile (its ``salient`` is the layer's ``s``).
         hessian: float32 ``[K, K]`` the layer Hessian after dead-column fixing
             (undamped).
-        damp: the absolute damping ``percdamp * mean(diag H)``.
+        damp: the absolute damping ``d * mean(diag H)``, ``d`` the relative damping actually
+            used (``percdamp``, times 10 per retry of the Cholesky factorization).
         weight: float32 ``[N, K]`` the layer weight before any compensation
             (dead columns zeroed).
         stats: the calibration statistics passed to ``quantize``.
@@ -489,12 +490,14 @@ class BlockwiseResult:
         salient: the layer's salient-column count ``s``.
         salient_errors: float64 ``[max_salient]`` the search errors for
             ``s = 1..max_salient``, or None if ``s`` was forced.
+        percdamp: the relative damping actually used (``percdamp`` raised by retries).
     """
 
     components: BinaryComponents
     dense: torch.Tensor
     salient: int
     salient_errors: torch.Tensor | None
+    percdamp: float | None = None
 
 
 class BlockwiseMethod(Method):
@@ -624,8 +627,9 @@ class BlockwiseMethod(Method):
             raise ValueError("weight has NaN/Inf entries")
         keep = self._keep_mask(w0, stats)
         h, w0 = prepare_hessian(stats.hessian.to(device=dev, dtype=torch.float32), w0)
-        u = inverse_cholesky_upper(h, self.percdamp)
-        damp = float(self.percdamp * torch.diagonal(h).mean())
+        u, percdamp = damped_inverse_cholesky_upper(h, self.percdamp, f"{self.name} compensation")
+        self.last_report = {"percdamp": percdamp}
+        damp = float(percdamp * torch.diagonal(h).mean())
         d = torch.diagonal(u)
         errors = None
         if self.salient_columns is not None:
@@ -650,4 +654,4 @@ class BlockwiseMethod(Method):
                 err = (wb - q) / db
                 w[:, st + bsz :] -= err @ u[cols, st + bsz :]
             parts.append(comp)
-        return BlockwiseResult(concat_blocks(parts), dense, s, errors)
+        return BlockwiseResult(concat_blocks(parts), dense, s, errors, percdamp)

@@ -7,7 +7,7 @@ import torch
 from vllm_sab.format import BinaryComponents, LayerProfile, tensor_specs
 
 from .base import CalibrationStats, Method
-from .hessian import inverse_cholesky_upper, prepare_hessian
+from .hessian import damped_inverse_cholesky_upper, prepare_hessian
 
 __all__ = ["Uniform2Method", "uniform2_profile", "gptq_uniform2"]
 
@@ -74,6 +74,7 @@ def gptq_uniform2(
     block_size: int = 128,
     percdamp: float = 0.01,
     where: str = "layer",
+    info: dict | None = None,
 ) -> tuple[BinaryComponents, torch.Tensor]:
     """GPTQ (arXiv 2210.17323, Algorithm 1) with a 2-bit min-max grid per (row, block).
 
@@ -85,6 +86,8 @@ def gptq_uniform2(
         block_size: ``B``: group size of the grid and lazy-batch width.
         percdamp: relative damping of ``H`` (GPTQ: 0.01).
         where: layer name for error messages.
+        info: if given, receives ``"percdamp"``: the relative damping actually used
+            (``percdamp`` raised by the Cholesky retries).
 
     Returns:
         ``(components, Q)``: format v1 components (profile :func:`uniform2_profile`) and
@@ -109,7 +112,9 @@ def gptq_uniform2(
     b, nb = block_size, k // block_size
 
     h, w = prepare_hessian(hessian.float(), weight.float())
-    u = inverse_cholesky_upper(h, percdamp, where)  # U^T U = (H + lambda I)^-1
+    u, used = damped_inverse_cholesky_upper(h, percdamp, where)  # U^T U = (H + lambda I)^-1
+    if info is not None:
+        info["percdamp"] = used
 
     codes = torch.empty(n, k, dtype=torch.int64, device=w.device)
     q_all = torch.empty(n, k, dtype=torch.float32, device=w.device)
@@ -221,7 +226,9 @@ class Uniform2Method(Method):
         """
         if stats is None:
             raise ValueError(f"method {self.name!r} needs calibration statistics (the Hessian)")
+        info: dict = {}
         comps, _ = gptq_uniform2(
-            weight, stats.hessian.to(weight.device), self.block_size, self.percdamp, self.name
+            weight, stats.hessian.to(weight.device), self.block_size, self.percdamp, self.name, info
         )
+        self.last_report = info
         return comps
