@@ -92,7 +92,9 @@ def _select(g0, g1, v0, v1, v2, v3, ZB: tl.constexpr):
     return r
 
 
-@triton.jit
+# Sizes are not specialised (no recompile per M, N, K or split): only the constexprs and the
+# strides (stride 1 = contiguous loads) select a compiled variant.
+@triton.jit(do_not_specialize=["M", "N", "K", "blocks_per_split"])
 def sab_gemv_kernel(
     # activations, output, split-K partials (float32 [SPLIT_K, M, N]; unused unless SPLIT)
     x_ptr, y_ptr, part_ptr,
@@ -244,14 +246,14 @@ def sab_gemv_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "SPLIT_K"])
 def sab_splitk_reduce_kernel(part_ptr, y_ptr, M, N, SPLIT_K, stride_ym, stride_yn, BLOCK: tl.constexpr):
     """``y[m, n] = sum_s part[s, m, n]`` (float32 partials ``[SPLIT_K, M, N]``) cast to ``y``'s dtype.
 
     Grid ``(cdiv(M * N, BLOCK),)``; a fixed summation order, so results are deterministic.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    total = M * N  # M <= 16 here: fits int32 (M == 1 arrives as a constexpr, so no .to())
+    total = M * N  # M <= 16 here: fits int32
     mask = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(SPLIT_K):
@@ -371,8 +373,9 @@ class LaunchConfig:
         block_n: output rows per program (power of two; gemm: >= 16). The gemv
             halves it (not below 8) for profiles other than the sign profile when
             ``block_m * block_n * 32`` would pass ``max_tile``, to bound registers.
-        block_k: gemm only: columns per dequantized chunk, a power of two >= 16
-            dividing the block size; 0 means the largest such, at most 128.
+        block_k: gemm only: at most this many columns per dequantized chunk; the
+            chunk is the largest power of two dividing the block size up to it (0: up
+            to 128), so one row serves every block size.
         num_warps, num_stages: Triton launch options.
         waves: gemv only: split K until the grid has about ``waves`` programs per
             SM (``0``: never split).
@@ -477,7 +480,7 @@ def resolve(config: LaunchConfig, n: int, k: int, profile: fmt.LayerProfile, sms
 
     gemv: caps ``block_n`` by ``max_tile`` (non-sign profiles) and by ``N``, then
     splits K so the grid has about ``waves * sms`` programs (never more splits than
-    quantization blocks). gemm: ``block_k`` 0 becomes :func:`default_block_k`.
+    quantization blocks). gemm: the chunk is :func:`default_block_k` capped by ``block_k``.
     Cached; pure function of its arguments.
 
     Raises:
@@ -503,7 +506,7 @@ def resolve(config: LaunchConfig, n: int, k: int, profile: fmt.LayerProfile, sms
         split = triton.cdiv(nb, per)  # no empty splits
         return Launch(replace(config, block_n=bn), split, per)
     if config.kernel == "gemm":
-        bk = config.block_k or default_block_k(b)
+        bk = default_block_k(b, config.block_k or 128)
         if not (_pow2(config.block_m) and _pow2(config.block_n) and _pow2(bk)) or min(
             config.block_m, config.block_n, bk
         ) < 16 or b % bk:
@@ -762,6 +765,10 @@ def triton_linear(
     _check_x(x, k, "triton_linear")
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    if block_k is not None and not (_pow2(block_k) and block_k >= 16 and profile.block_size % block_k == 0):
+        raise ValueError(
+            f"triton_linear: block_k={block_k}: need a power of two >= 16 dividing block_size={profile.block_size}"
+        )
     if config is None and (block_m or block_n or block_k):
         base = table_config(max(m, 17))  # the gemm row for this M (gemv rows end at 16)
         config = replace(base, block_m=block_m or base.block_m, block_n=block_n or base.block_n,
