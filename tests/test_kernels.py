@@ -357,6 +357,7 @@ def test_package_imports_without_triton() -> None:
 # CUDA only: bigger shapes
 # ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or INTERPRET,
     reason="needs CUDA and the compiled kernel (TRITON_INTERPRET unset): bigger shapes are too slow "
