@@ -57,19 +57,61 @@ def test_same_seed_same_checkpoint_and_resume_skips_finished_layers(tiny_vlm, tm
 
 
 def test_atv_token_pool_and_report(tiny_vlm, tmp_path):
-    ckpt = calibrate(tiny_vlm("qwen2_vl"), tmp_path / "o", method="billm", token_pool="atv", **_FAST)
+    """The report's per-layer numbers agree with the written checkpoint and the source weights,
+    recomputed here from the files: bytes on disk per weight, the salient share of the stored
+    residual plane, the weight error of the dequantized tensors. The token pool reaches the
+    Hessians: ATV with alpha 0 keeps no visual token, so it is the text-only pool exactly, and
+    both differ from the all-token pool. (At alpha 1 this tiny model's few image tokens are all
+    kept, which is the all-token pool.)"""
+    from vllm_sab import format as fmt
+
+    src = tiny_vlm("qwen2_vl")
+    ckpt = calibrate(src, tmp_path / "o", method="billm", token_pool="atv", atv_alpha=0.0, **_FAST)
     report = json.loads((ckpt / "sab_report.json").read_text())
-    assert report["calibration"] == {"data": "builtin", "samples": 4, "token_pool": "atv"}
+    assert report["calibration"]["token_pool"] == "atv"
+    stored, original = _tensors(ckpt), load_file(str(next(src.glob("*.safetensors"))))
+    qc = fmt.load_quantization_config(ckpt)
+    assert sorted(r["name"] for r in report["layers"]) == sorted(qc.modules)
     for layer in report["layers"]:
-        assert layer["true_bits_per_weight"] > layer["paper_weight_bits"] >= 1.0
-        assert 0 <= layer["output_rel_error"] < 1
+        name, (n, k) = layer["name"], layer["shape"]
+        mine = {key.rsplit(".", 1)[1]: t for key, t in stored.items() if key.rsplit(".", 1)[0] == name}
+        assert "weight" not in mine and fmt.PACKED in mine
+        mine.pop("bias", None)  # Qwen's q/k/v biases stay dense and are not the quantized weight's bits
+        disk_bits = 8 * sum(t.numel() * t.element_size() for t in mine.values())
+        assert layer["true_bits_per_weight"] == pytest.approx(disk_bits / (n * k))
+        salient = qc.profile_of(name).salient
+        assert layer["paper_weight_bits"] == pytest.approx(1 + salient / qc.profile_of(name).block_size)
+        assert 0 < salient and mine[fmt.RESIDUAL].shape[:2] == (n, k // 128)  # billm stores a residual plane
+        w = original[f"{name}.weight"].float()
+        w_hat = fmt.dequantize(mine, qc.profile_of(name))
+        assert layer["rel_error"] == pytest.approx(float((w - w_hat).norm() / w.norm()), rel=1e-5)
+        assert 0 < layer["output_rel_error"] < 1
+
+    def output_errors(pool):
+        run = calibrate(src, tmp_path / pool, method="billm", token_pool=pool, **_FAST)
+        return {r["name"]: r["output_rel_error"] for r in json.loads((run / "sab_report.json").read_text())["layers"]}
+
+    atv0 = {r["name"]: r["output_rel_error"] for r in report["layers"]}
+    assert output_errors("text") == atv0
+    every = output_errors("all")
+    assert all(every[name] != err for name, err in atv0.items())
 
 
-@pytest.mark.parametrize("method,pool", [("atv-prune", "atv"), ("billm", "all")])
-def test_token_pool_defaults_to_the_methods_own(tiny_vlm, tmp_path, method, pool):
-    """atv-prune without --token-pool is ATV-Pruning (the ATV pool), not Wanda; the binarizers use every token."""
-    ckpt = calibrate(tiny_vlm("llava"), tmp_path / "o", method=method, **_FAST)
+@pytest.mark.parametrize("method,pool,same_as,not_as", [("atv-prune", "atv", "text", "all"), ("billm", "all", "all", "text")])
+def test_token_pool_defaults_to_the_methods_own(tiny_vlm, tmp_path, method, pool, same_as, not_as):
+    """atv-prune without --token-pool is ATV-Pruning (the ATV pool), not Wanda; the binarizers use every token.
+
+    Told apart by the written tensors: with atv_alpha 0 the ATV pool keeps no visual token, so a
+    run with the ATV pool equals a text-pool run, and the all-token pool differs from both."""
+    model = tiny_vlm("llava")
+    ckpt = calibrate(model, tmp_path / "default", method=method, atv_alpha=0.0, **_FAST)
     assert json.loads((ckpt / "sab_report.json").read_text())["calibration"]["token_pool"] == pool
+    got = _tensors(ckpt)
+    same = _tensors(calibrate(model, tmp_path / same_as, method=method, token_pool=same_as, **_FAST))
+    other = _tensors(calibrate(model, tmp_path / not_as, method=method, token_pool=not_as, **_FAST))
+    assert got.keys() == same.keys() == other.keys()
+    assert all(torch.equal(got[k], same[k]) for k in got)
+    assert not all(torch.equal(got[k], other[k]) for k in got)
 
 
 def test_unknown_method_option_is_refused_before_any_work(tiny_vlm, tmp_path):

@@ -35,10 +35,24 @@ def _png_data_url() -> str:
 
 @pytest.mark.vllm
 def test_vllm_serve_answers_image_chat(tiny_vlm, tmp_path):
-    """Start the OpenAI server on 127.0.0.1 with a sab checkpoint, ask about an image, stop it."""
+    """Start the OpenAI server on 127.0.0.1 with a sab checkpoint, ask about an image, stop it.
+
+    The answer must be the one of an independent reference: transformers running the checkpoint's
+    dequantized weights on the same chat turn and image (same prompt tokens, same greedy tokens,
+    same text)."""
+    import torch
     from openai import OpenAI
+    from transformers import AutoProcessor
+
+    from e2e_helpers import MAX_TOKENS, QUESTION, chat_prompt, hf_greedy
+    from vllm_sab.calibrate.reference_model import load_dequantized
 
     ckpt = calibrate(tiny_vlm("qwen2_vl"), tmp_path / "sab", progress=False)
+    reference = hf_greedy(load_dequantized(ckpt, torch.float32), ckpt)
+    processor = AutoProcessor.from_pretrained(str(ckpt))
+    reference_prompt = processor(text=[chat_prompt(ckpt)], images=[tiny_image(0)], return_tensors="pt")
+    reference_text = processor.tokenizer.decode(reference, skip_special_tokens=True)
+    assert reference and reference_text.strip()
     port = _free_port()
     # The `vllm` launcher that scripts/setup-cpu.sh installs next to this interpreter.
     vllm_cmd = str(Path(sys.executable).parent / "vllm")
@@ -67,15 +81,17 @@ def test_vllm_serve_answers_image_chat(tiny_vlm, tmp_path):
             model=str(ckpt),
             messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": _png_data_url()}},
-                {"type": "text", "text": "What is in the image?"},
+                {"type": "text", "text": QUESTION},
             ]}],
-            max_tokens=8,
+            max_tokens=MAX_TOKENS,
             temperature=0.0,
+            extra_body={"return_token_ids": True},
         )
-        assert reply.choices[0].finish_reason in ("length", "stop")
-        assert reply.usage.completion_tokens >= 1
-        assert reply.usage.prompt_tokens > 10  # the image placeholders were expanded
-        assert isinstance(reply.choices[0].message.content, str)
+        choice = reply.choices[0]
+        assert reply.prompt_token_ids == reference_prompt["input_ids"][0].tolist()  # image tokens expanded alike
+        assert choice.token_ids == reference
+        assert choice.message.content == reference_text
+        assert choice.finish_reason == ("length" if len(reference) == MAX_TOKENS else "stop")
         assert "quantization=sab" in log_path.read_text()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
