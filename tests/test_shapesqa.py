@@ -108,6 +108,48 @@ def test_teacher_forced_positions_are_the_answer_tokens(tiny_vlm):
     assert d["positions"] == int(scored.sum())
 
 
+def test_compare_distributions_against_a_per_sample_loop(tiny_vlm):
+    """KL and top-1 agreement of two different models (batched, right-padded, several batches)
+    equal a brute-force loop: one unpadded forward per question, the answer positions found by
+    tokenizing the prompt alone, KL summed over the vocabulary by hand."""
+    import torch
+    from transformers import AutoProcessor
+
+    from vllm_sab.calibrate.evaluate import chat_prompt, compare_distributions, load_transformers
+
+    model_dir = tiny_vlm("llava")
+    proc = AutoProcessor.from_pretrained(str(model_dir))
+    refs = shapesqa.samples(shapesqa.HELDOUT_SEED, 7, balanced=True)
+    reference = load_transformers(model_dir)
+    other = load_transformers(model_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (other.lm_head.weight, other.model.language_model.layers[1].mlp.down_proj.weight):
+            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+    got = compare_distributions(reference, other, proc, refs, batch_size=3)
+
+    kl, agree, count = 0.0, 0, 0
+    eos = proc.tokenizer.eos_token
+    with torch.no_grad():
+        for s in refs:
+            prompt = chat_prompt(proc, s)
+            images = [s.image] if s.scene is not None else None
+            n = proc(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
+            full = proc(text=[prompt + " " + s.answer + eos], images=images, return_tensors="pt")
+            ids = full["input_ids"][0]
+            assert ids[:n].tolist() == proc(text=[prompt], images=images, return_tensors="pt")["input_ids"][0].tolist()
+            lp_all = torch.log_softmax(reference(**full).logits[0].double(), -1)
+            lq_all = torch.log_softmax(other(**full).logits[0].double(), -1)
+            for t in range(n - 1, len(ids) - 1):  # position t predicts answer/EOS token t + 1
+                lp, lq = lp_all[t], lq_all[t]
+                kl += sum(float(lp[v].exp() * (lp[v] - lq[v])) for v in range(lp.shape[0]))
+                agree += int(int(lp.argmax()) == int(lq.argmax()))
+                count += 1
+    assert got["positions"] == count
+    assert got["kl"] == pytest.approx(kl / count, rel=1e-4) and got["kl"] > 1e-3
+    assert got["top1_agreement"] == pytest.approx(agree / count)
+
+
 @pytest.mark.vllm
 def test_sab_eval_engines_agree_on_a_sab_checkpoint(tmp_path, capsys):
     """sab-eval --engine both on a sab checkpoint of the shipped model: transformers (dequantized) and
