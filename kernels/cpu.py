@@ -1,0 +1,248 @@
+"""Native CPU kernels for sab layers (installed as ``vllm_sab.kernels.cpu``).
+
+The C++ sources in ``csrc/`` are compiled against the installed torch with
+``torch.utils.cpp_extension`` (g++ and ninja), once per (torch version, source
+hash), into a cache folder; torch's build lock makes concurrent first uses
+safe. ``python -m vllm_sab.kernels.cpu`` builds ahead of time (the CPU setup
+script does). Where the build fails the caller falls back to the torch
+reference, and one warning says why.
+
+Kernels (``csrc/sab_kernels.inc``, one source over AVX-512 / AVX2 / scalar
+backends, chosen from the CPU's flags at run time, never ``-march=native``):
+
+* decode, ``M <= decode_max_m`` (at most 16): each group of 16 (AVX-512) or 8
+  (AVX2) weights is built in a register from the packed words (sign plane,
+  zone planes, residual plane, row and column scales, offsets) and multiplied
+  with the activations as it is built; ``W_hat`` is never stored. The sign
+  profile uses ``sum_j s_j x_j = 2 * sum_{s_j = +1} x_j - sum_j x_j``: one
+  masked add per 16 weights.
+* prefill, larger ``M``: rows of ``W_hat`` are dequantized into a tile of
+  ``tile_rows`` rows (bfloat16 for bfloat16 activations, float32 otherwise)
+  and multiplied by torch's GEMM (oneDNN / MKL), one tile per task.
+
+Numerics: the weights the kernels build equal ``format.dequantize`` bit for
+bit (same float32 evaluation order); decode accumulates in float32 and differs
+from :func:`reference_linear` only in the order of the sum. Prefill with
+float32 / float16 activations is exact in the same sense; with bfloat16
+activations the tile holds ``W_hat`` rounded to bfloat16 (round to nearest
+even), what a dense bfloat16 layer stores, and the GEMM accumulates in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from vllm_sab import format as fmt
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("sab_cpu.cpp", "isa_avx512.cpp", "isa_avx2.cpp", "isa_scalar.cpp")
+HEADERS = ("sab_cpu.h", "sab_kernels.inc")
+
+
+@dataclass(frozen=True)
+class CpuKernelConfig:
+    """Launch parameters of the native CPU kernel.
+
+    Attributes:
+        decode_max_m: largest ``M`` (tokens) that runs the decode kernel; larger
+            ``M`` runs the prefill tiles. At most 16 (the decode kernel's widest
+            register tile).
+        tile_bytes: target size of one dequantized prefill tile (bytes); the
+            tile has ``max(16, tile_bytes // (K * element size))`` rows, so a
+            tile stays in the core's L2 while the GEMM reads it.
+    """
+
+    decode_max_m: int = 16
+    tile_bytes: int = 2 * 1024 * 1024
+
+    def tile_rows(self, k: int, dtype: torch.dtype) -> int:
+        """Rows of ``W_hat`` per prefill tile for ``K = k`` and activations of ``dtype``."""
+        elem = 2 if dtype == torch.bfloat16 else 4
+        return max(16, self.tile_bytes // (k * elem) // 16 * 16)
+
+
+#: The configuration used unless a caller passes another (benchmarks/kernels_cpu.py
+#: measures the decode/prefill crossover that sets ``decode_max_m``).
+DEFAULT_CONFIG = CpuKernelConfig()
+
+
+def _build_dir(digest: str) -> Path:
+    root = os.environ.get("SAB_CPU_BUILD_DIR")
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm_sab"
+    return base / f"cpu-ext-torch{torch.__version__.replace('+', '_')}-{digest}"
+
+
+def _digest() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode())
+        h.update((CSRC / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[Any, str]:
+    """Build (first use) and import the extension: ``(module, "")`` or ``(None, why)``."""
+    missing = [n for n in SOURCES + HEADERS if not (CSRC / n).is_file()]
+    if missing:
+        return None, f"sources missing from the installed package: {missing} in {CSRC}"
+    try:
+        from torch.utils import cpp_extension
+
+        digest = _digest()
+        build = _build_dir(digest)
+        build.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(
+            name=f"sab_cpu_{digest}",
+            sources=[str(CSRC / n) for n in SOURCES],
+            extra_cflags=["-O3", "-std=c++17", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(build),
+            verbose=os.environ.get("SAB_CPU_BUILD_VERBOSE") == "1",
+        )
+    except Exception as e:  # noqa: BLE001 -- any build failure means: use the fallback
+        lines = str(e).strip().splitlines()
+        # A compiler failure's message is the whole command line; its "error:" lines say why.
+        errors = [ln.strip() for ln in lines if "error" in ln.lower()][-3:]
+        return None, f"{type(e).__name__}: {'; '.join(errors or lines[:1] or [type(e).__name__])}"
+    return module, ""
+
+
+def extension() -> Any | None:
+    """The compiled extension module, or None (with one warning) if it cannot be built."""
+    module, why = _load()
+    if module is None:
+        _warn_once(why)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(why: str) -> None:
+    warnings.warn(
+        f"vllm_sab: native CPU kernels unavailable ({why}); sab layers on CPU use the much slower "
+        "torch reference. Needs g++ and ninja; set SAB_CPU_BUILD_VERBOSE=1 to see the build.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def build_error() -> str:
+    """Why the extension cannot be built ("" when it can); builds it if not yet done."""
+    return _load()[1]
+
+
+@functools.lru_cache(maxsize=None)
+def available_isas() -> tuple[str, ...]:
+    """Instruction sets the extension can run on this CPU, best first (empty if not built).
+
+    Values: ``"avx512"`` (AVX-512 F/BW/VL/DQ + FMA + F16C), ``"avx2"`` (AVX2 + FMA +
+    F16C), ``"scalar"`` (any CPU).
+    """
+    module, _ = _load()
+    return tuple(module.available_isas()) if module is not None else ()
+
+
+def cpu_linear(
+    x: torch.Tensor,
+    tensors: Mapping[str, torch.Tensor],
+    profile: fmt.LayerProfile,
+    isa: str = "",
+    config: CpuKernelConfig = DEFAULT_CONFIG,
+) -> torch.Tensor:
+    """``y = x @ W_hat^T`` for one sab layer on CPU with the native kernels (no bias).
+
+    Args:
+        x: activations ``[M, K]``, float32, bfloat16 or float16, on CPU.
+        tensors: the layer's format-v1 tensors ``{suffix: tensor}``, contiguous
+            CPU tensors already validated (values are not re-read here).
+        profile: the layer's storage profile.
+        isa: ``"avx512"``, ``"avx2"``, ``"scalar"`` or ``""`` (best available).
+        config: decode / prefill parameters.
+
+    Returns:
+        ``[M, N]`` in ``x.dtype``.
+
+    Raises:
+        RuntimeError: the extension is not built, ``isa`` is not available on
+            this CPU, or a tensor has the wrong dtype, shape, device or layout.
+    """
+    module = extension()
+    if module is None:
+        raise RuntimeError(f"vllm_sab native CPU kernels are not available: {build_error()}")
+    return module.linear(
+        x,
+        tensors[fmt.PACKED],
+        tensors.get(fmt.ZONE),
+        tensors.get(fmt.RESIDUAL),
+        tensors.get(fmt.PERM),
+        tensors[fmt.SCALE],
+        tensors.get(fmt.COL_SCALE),
+        tensors.get(fmt.OFFSET),
+        profile.block_size,
+        profile.zone_bits,
+        profile.salient,
+        profile.salient_zoned,
+        profile.col_scale,
+        profile.offset,
+        isa,
+        config.decode_max_m,
+        config.tile_rows(x.shape[-1], x.dtype),
+    )
+
+
+def dequantize_stored(
+    tensors: Mapping[str, torch.Tensor], profile: fmt.LayerProfile, isa: str = "", bf16: bool = False
+) -> torch.Tensor:
+    """``W_stored`` ``[N, K]`` (stored column order) as the prefill tiles hold it.
+
+    float32, or bfloat16 (round to nearest even) with ``bf16=True``. For tests.
+
+    Raises:
+        RuntimeError: as :func:`cpu_linear`.
+    """
+    module = extension()
+    if module is None:
+        raise RuntimeError(f"vllm_sab native CPU kernels are not available: {build_error()}")
+    return module.dequantize_stored(
+        tensors[fmt.PACKED],
+        tensors.get(fmt.ZONE),
+        tensors.get(fmt.RESIDUAL),
+        tensors[fmt.SCALE],
+        tensors.get(fmt.COL_SCALE),
+        tensors.get(fmt.OFFSET),
+        profile.block_size,
+        profile.zone_bits,
+        profile.salient,
+        profile.salient_zoned,
+        profile.col_scale,
+        profile.offset,
+        isa,
+        bf16,
+    )
+
+
+def main() -> int:
+    """``python -m vllm_sab.kernels.cpu``: build now, print the ISAs; exit 1 if it cannot build."""
+    module, why = _load()
+    if module is None:
+        print(f"vllm_sab native CPU kernels: build failed: {why}", file=sys.stderr)
+        return 1
+    print(f"vllm_sab native CPU kernels: built; instruction sets {', '.join(available_isas())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+// AVX2 + FMA backend (8 float lanes, lane masks as vectors) of the sab CPU kernels; see
+// isa_avx512.cpp for the backend interface. Bits become lane masks by broadcasting the
+// byte and comparing it against the lane's bit (bytes-from-bits).
+#include <immintrin.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "sab_cpu.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace {
+
+struct V {
+  static constexpr int L = 8;
+  using F = __m256;
+  using M = __m256;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float f) { return _mm256_set1_ps(f); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static void store_bf16(uint16_t* p, F v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    // packus works per 128-bit half: [r0..r3 r0..r3 | r4..r7 r4..r7]; keep lanes 0 and 2.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static float hsum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static M mask(uint32_t bits) {
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i b = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits & 0xFFu)), lane);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane));
+  }
+  static M mask_at(const uint8_t* row, int64_t j) { return mask(row[j >> 3]); }
+  static F blend(M m, F a, F b) { return _mm256_blendv_ps(a, b, m); }
+  static F neg_where_clear(M s, F a) {
+    return _mm256_xor_ps(a, _mm256_andnot_ps(s, _mm256_set1_ps(-0.0f)));
+  }
+  static F add_masked(M m, F acc, F v) { return _mm256_add_ps(acc, _mm256_and_ps(m, v)); }
+  static float h2f(uint16_t h) { return _cvtsh_ss(h); }
+  static void load_halves(const uint16_t* p, int n, float* out, const uint16_t*) {
+    for (int i = 0; i < n; ++i) out[i] = _cvtsh_ss(p[i]);
+  }
+};
+
+#include "sab_kernels.inc"
+
+const sab_cpu::IsaOps kOps = {"avx2", V::L, &gemv_entry, &dequant_f32_entry, &dequant_bf16_entry};
+
+}  // namespace
+
+#pragma GCC pop_options
+
+namespace sab_cpu {
+const IsaOps* isa_avx2() { return &kOps; }
+}  // namespace sab_cpu

@@ -1,0 +1,229 @@
+// Torch binding of the sab CPU kernels: argument checks, activation layout, threads, and the
+// choice between the decode kernel (M <= decode_max_m: weights built in registers, never
+// stored) and the prefill path (dequantized cache-sized tiles fed to torch's GEMM).
+//
+// Threads come from torch's intra-op pool (at::parallel_for), never a pool of our own, so
+// torch.set_num_threads and vLLM's CPU thread binding apply. The instruction set is chosen
+// at run time from the CPU's flags (the ISA files are compiled with target pragmas, not
+// -march=native), so one build runs on every x86-64 host.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "sab_cpu.h"
+
+namespace {
+
+using sab_cpu::IsaOps;
+using sab_cpu::LayerView;
+
+bool cpu_has(const char* what) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const std::string w(what);
+  if (w == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }
+  if (w == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
+  return false;
+#else
+  (void)what;
+  return false;
+#endif
+}
+
+// Instruction sets this CPU can run, best first.
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  if (cpu_has("avx512")) out.push_back("avx512");
+  if (cpu_has("avx2")) out.push_back("avx2");
+  out.push_back("scalar");
+  return out;
+}
+
+const IsaOps* isa_ops(const std::string& isa) {
+  const auto have = available_isas();
+  const std::string want = isa.empty() ? have.front() : isa;
+  TORCH_CHECK(std::find(have.begin(), have.end(), want) != have.end(), "sab_cpu: instruction set '",
+              want, "' is not available on this CPU (available: ", c10::Join(", ", have), ")");
+  if (want == "avx512") return sab_cpu::isa_avx512();
+  if (want == "avx2") return sab_cpu::isa_avx2();
+  return sab_cpu::isa_scalar();
+}
+
+void check_tensor(const c10::optional<torch::Tensor>& t, const char* name, c10::ScalarType dtype,
+                  bool needed) {
+  TORCH_CHECK(t.has_value() == needed, "sab_cpu.linear: '", name, "' is ",
+              needed ? "required" : "not used", " by this profile");
+  if (!needed) return;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype && t->is_contiguous(),
+              "sab_cpu.linear: '", name, "' must be a contiguous CPU ", c10::toString(dtype),
+              " tensor, got ", t->toString(), t->is_contiguous() ? "" : " (not contiguous)");
+}
+
+// Checks the layer's tensors against its profile (dtype, device, layout; O(1), no value
+// reads: values were validated once at load time) and views them for the kernels.
+// col32 receives the float32 copy of the column scales the view points at.
+LayerView make_view(const torch::Tensor& packed, const c10::optional<torch::Tensor>& zone,
+                    const c10::optional<torch::Tensor>& residual,
+                    const c10::optional<torch::Tensor>& perm, const torch::Tensor& scale,
+                    const c10::optional<torch::Tensor>& col_scale,
+                    const c10::optional<torch::Tensor>& offset, int64_t block, int64_t zone_bits,
+                    int64_t salient, bool salient_zoned, bool col_scaled, bool has_offset,
+                    torch::Tensor& col32) {
+  TORCH_CHECK(packed.dim() == 2, "sab_cpu.linear: weight_packed must be [N, K/32]");
+  TORCH_CHECK(block > 0 && block % 32 == 0 && (packed.size(1) * 32) % block == 0,
+              "sab_cpu.linear: block size ", block, " must be a multiple of 32 dividing K=",
+              packed.size(1) * 32);
+  TORCH_CHECK(zone_bits >= 0 && zone_bits <= 2 && salient >= 0 && salient <= block,
+              "sab_cpu.linear: zone_bits must be 0..2 and salient 0..block size");
+  check_tensor(packed, "weight_packed", torch::kInt, true);
+  check_tensor(zone, "weight_zone", torch::kInt, zone_bits > 0);
+  check_tensor(residual, "weight_residual", torch::kByte, salient > 0);
+  check_tensor(perm, "weight_perm", torch::kShort, salient > 0 && salient < block);
+  check_tensor(scale, "weight_scale", torch::kHalf, true);
+  check_tensor(col_scale, "weight_col_scale", torch::kHalf, col_scaled);
+  check_tensor(offset, "weight_offset", torch::kHalf, has_offset);
+  LayerView L;
+  L.n = packed.size(0);
+  L.k = packed.size(1) * 32;
+  L.block = block;
+  L.zone_bits = static_cast<int>(zone_bits);
+  L.salient = static_cast<int>(salient);
+  L.salient_zoned = salient_zoned;
+  L.has_col = col_scaled;
+  L.has_off = has_offset;
+  L.packed = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
+  L.zone = zone ? reinterpret_cast<const uint8_t*>(zone->data_ptr<int32_t>()) : nullptr;
+  L.residual = residual ? residual->data_ptr<uint8_t>() : nullptr;
+  L.scale = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  if (col_scaled) {
+    col32 = col_scale->to(torch::kFloat).contiguous();
+    L.col_scale = col32.data_ptr<float>();
+  }
+  L.offset = offset ? reinterpret_cast<const uint16_t*>(offset->data_ptr<at::Half>()) : nullptr;
+  return L;
+}
+
+// x [M, K] -> its columns in stored order (idx[j] = B * (j / B) + perm[j]).
+torch::Tensor to_stored_order(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm,
+                              int64_t block) {
+  if (!perm.has_value()) return x;
+  const int64_t k = x.size(1);
+  auto idx = torch::arange(k, torch::kInt64).div(block, "floor").mul_(block).add_(perm->to(torch::kInt64));
+  return x.index_select(1, idx);
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
+                     const c10::optional<torch::Tensor>& zone,
+                     const c10::optional<torch::Tensor>& residual,
+                     const c10::optional<torch::Tensor>& perm, const torch::Tensor& scale,
+                     const c10::optional<torch::Tensor>& col_scale,
+                     const c10::optional<torch::Tensor>& offset, int64_t block, int64_t zone_bits,
+                     int64_t salient, bool salient_zoned, bool col_scaled, bool has_offset,
+                     const std::string& isa, int64_t decode_max_m, int64_t tile_rows) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "sab_cpu.linear: x must be a 2-D CPU tensor, got ",
+              x.sizes());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == torch::kFloat || xt == torch::kBFloat16 || xt == torch::kHalf,
+              "sab_cpu.linear: x must be float32, bfloat16 or float16, got ", c10::toString(xt));
+  torch::Tensor col32;
+  const LayerView L = make_view(packed, zone, residual, perm, scale, col_scale, offset, block,
+                                zone_bits, salient, salient_zoned, col_scaled, has_offset, col32);
+  const int64_t m = x.size(0), k = x.size(1), n = L.n;
+  TORCH_CHECK(k == L.k, "sab_cpu.linear: x has K=", k, " input features, the layer has K=", L.k);
+  const IsaOps* ops = isa_ops(isa);
+  if (m == 0) return torch::empty({0, n}, x.options());
+
+  if (m <= std::min(decode_max_m, sab_cpu::kMaxDecodeM)) {
+    // Decode: float32 activations in stored order, padded to the kernel's register tile.
+    const int64_t mt = sab_cpu::decode_tile(m);
+    auto xs = torch::zeros({mt, k}, torch::kFloat);
+    xs.narrow(0, 0, m).copy_(to_stored_order(x, perm, block));
+    std::vector<float> xsum;
+    if (sab_cpu::is_sign_profile(L)) {
+      xsum.resize(static_cast<size_t>(mt * (k / block) * ops->lanes));
+      sab_cpu::lane_block_sums(xs.data_ptr<float>(), mt, k, block, ops->lanes, xsum.data());
+    }
+    auto y = torch::empty({m, n}, torch::kFloat);
+    const float* xp = xs.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
+    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+      ops->gemv(L, xp, xsum.data(), m, yp, n, n0, n1);
+    });
+    return xt == torch::kFloat ? y : y.to(xt);
+  }
+
+  // Prefill: y^T[rows] = tile[rows, K] @ x_stored^T, one tile per task. bfloat16 activations
+  // meet bfloat16 tiles (W rounded to bfloat16, as a dense bfloat16 layer stores it);
+  // float32 and float16 activations meet exact float32 tiles.
+  const bool bf16 = xt == torch::kBFloat16;
+  const auto ct = bf16 ? torch::kBFloat16 : torch::kFloat;
+  auto xs = to_stored_order(x, perm, block).to(ct).contiguous();
+  auto xsT = xs.t();
+  auto yT = torch::empty({n, m}, torch::TensorOptions().dtype(ct));
+  const int64_t rows = std::max<int64_t>(1, tile_rows);
+  const int64_t tiles = (n + rows - 1) / rows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    auto tile = torch::empty({rows, k}, torch::TensorOptions().dtype(ct));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * rows, n1 = std::min(n, n0 + rows);
+      if (bf16) {
+        ops->dequant_bf16(L, n0, n1, reinterpret_cast<uint16_t*>(tile.data_ptr<at::BFloat16>()));
+      } else {
+        ops->dequant_f32(L, n0, n1, tile.data_ptr<float>());
+      }
+      auto out = yT.narrow(0, n0, n1 - n0);
+      at::mm_out(out, tile.narrow(0, 0, n1 - n0), xsT);
+    }
+  });
+  auto y = yT.t().contiguous();
+  return y.scalar_type() == xt ? y : y.to(xt);
+}
+
+// W_stored rows (stored column order) as float32, for tests and debugging.
+torch::Tensor dequantize_stored(const torch::Tensor& packed, const c10::optional<torch::Tensor>& zone,
+                                const c10::optional<torch::Tensor>& residual,
+                                const torch::Tensor& scale,
+                                const c10::optional<torch::Tensor>& col_scale,
+                                const c10::optional<torch::Tensor>& offset, int64_t block,
+                                int64_t zone_bits, int64_t salient, bool salient_zoned,
+                                bool col_scaled, bool has_offset, const std::string& isa,
+                                bool bf16) {
+  // W_stored does not depend on the permutation; a placeholder satisfies the check.
+  c10::optional<torch::Tensor> perm;
+  if (salient > 0 && salient < block && packed.dim() == 2) {
+    perm = torch::zeros({packed.size(1) * 32}, torch::kShort);
+  }
+  torch::Tensor col32;
+  const LayerView L = make_view(packed, zone, residual, perm, scale, col_scale, offset, block,
+                                zone_bits, salient, salient_zoned, col_scaled, has_offset, col32);
+  const int64_t n = L.n, k = L.k;
+  const IsaOps* ops = isa_ops(isa);
+  if (bf16) {
+    auto out = torch::empty({n, k}, torch::kBFloat16);
+    ops->dequant_bf16(L, 0, n, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    return out;
+  }
+  auto out = torch::empty({n, k}, torch::kFloat);
+  ops->dequant_f32(L, 0, n, out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sab format v1 CPU kernels (AVX-512 / AVX2 / scalar, chosen at run time)";
+  m.def("available_isas", &available_isas, "Instruction sets this CPU runs, best first.");
+  m.def("linear", &linear, "y = x W_hat^T for one sab layer (format v1).");
+  m.def("dequantize_stored", &dequantize_stored, "W_stored [N, K] (stored column order).");
+}
