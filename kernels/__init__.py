@@ -1,8 +1,12 @@
 """Matmul kernels for sab-quantized linears (installed as ``vllm_sab.kernels``).
 
-* :func:`reference_linear`: pure torch, any device; the CPU serving path.
-* :func:`triton_linear`: Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-  Imported lazily, so ``import vllm_sab.kernels`` works where Triton is absent.
+* :mod:`.chooser`: the priority list of kernels and :func:`choose` (which one runs a layer).
+* :func:`cpu_linear` (:mod:`.cpu`): native C++ CPU kernels, AVX-512 / AVX2 / scalar,
+  built on first use; the CPU serving path.
+* :func:`triton_linear`: Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+  Imported lazily, so ``import vllm_sab.kernels`` works where Triton is absent; so is
+  :func:`can_implement` (Triton's).
+* :func:`reference_linear`: pure torch, any device; the oracle and the last-resort fallback.
 * :func:`triton_available`: whether :func:`triton_linear` can run for a device.
 """
 
@@ -15,9 +19,10 @@ from typing import Any
 
 import torch
 
+from .cpu import cpu_linear
 from .reference import reference_linear
 
-__all__ = ["reference_linear", "triton_linear", "triton_available"]
+__all__ = ["cpu_linear", "reference_linear", "triton_linear", "triton_available", "can_implement"]
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -37,8 +42,8 @@ def triton_available(device: torch.device | str) -> bool:
 
 def __getattr__(name: str) -> Any:
     # PEP 562 lazy attribute: only `triton_linear` pulls in Triton.
-    if name == "triton_linear":
+    if name in ("triton_linear", "can_implement"):
         module = importlib.import_module(f"{__name__}.triton_kernel")
-        globals()["triton_linear"] = module.triton_linear  # later lookups skip this hook
-        return module.triton_linear
+        globals()[name] = getattr(module, name)  # later lookups skip this hook
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,215 @@
+"""Native CPU kernels (vllm_sab.kernels.cpu) and the kernel chooser.
+
+The oracle is ``ref_dequantize`` from test_format.py: docs/format.md evaluated
+element by element in Python, independent of ``format.dequantize`` (which is
+itself one of the kernels, the torch fallback). Every instruction set this CPU
+has is forced in turn; CI's machine has AVX-512, so all three run there.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from test_format import ref_dequantize
+from test_kernels import CASE_IDS, CASES, random_layer
+from vllm_sab import format as fmt
+from vllm_sab import ops
+from vllm_sab.kernels import chooser, cpu
+
+ISAS = cpu.available_isas()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+U32 = torch.finfo(torch.float32).eps / 2
+
+
+def test_extension_builds_here():
+    """CI's machines have g++ and ninja: the kernels must build, not silently fall back."""
+    assert cpu.build_error() == ""
+    assert ISAS and ISAS[-1] == "scalar"
+
+
+def stored_index(p: fmt.LayerProfile, k: int, tensors: dict) -> torch.Tensor:
+    """idx[j]: the original column of stored column j (format.md section 3.1)."""
+    j = torch.arange(k)
+    if fmt.PERM not in tensors:
+        return j
+    return p.block_size * (j // p.block_size) + tensors[fmt.PERM].long()
+
+
+@pytest.fixture(scope="module")
+def layers():
+    """Random layers of every CASES profile with their independent dense W_hat (float64)."""
+    out = []
+    for seed, (n, k, p) in enumerate(CASES):
+        t = random_layer(p, n, k, seed)
+        out.append((n, k, p, t, ref_dequantize(t, p).double()))
+    return out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
+def test_dequantized_tile_bit_exact(layers, case, isa):
+    """The weights the kernels build equal docs/format.md's, bit for bit (fp32), and RNE in bf16."""
+    n, k, p, t, w_ref = layers[case]
+    idx = stored_index(p, k, t)
+    w_stored_ref = w_ref.float()[:, idx]
+    assert torch.equal(cpu.dequantize_stored(t, p, isa), w_stored_ref)
+    assert torch.equal(cpu.dequantize_stored(t, p, isa, bf16=True), w_stored_ref.to(torch.bfloat16))
+
+
+def _bound(x: torch.Tensor, w_ref: torch.Tensor, y_ref: torch.Tensor, out_dtype: torch.dtype, w_round: float):
+    """Elementwise error bound of a float32-accumulated dot against the exact float64 one.
+
+    ``S = |x| @ |W|^T``: the weights may be rounded first (``w_round * S``: 0 for the exact
+    paths, ``u(bf16)`` for the bf16 prefill tile), float32 accumulation in any order errs by
+    at most ``K u32 S`` (plus the float32 activation products), and the result is rounded
+    once to ``out_dtype`` (``u(out) |y|``), one more for the activation's own rounding slack.
+    """
+    k = x.shape[-1]
+    s = x.double().abs() @ w_ref.abs().t()
+    u_out = torch.finfo(out_dtype).eps / 2
+    return (w_round + (k + 2) * U32) * s + 2 * u_out * y_ref.abs() + 1e-30
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
+def test_linear_against_independent_reference(layers, case, dtype, isa):
+    """y = x W^T within the float32 rounding bound, for decode (M <= 16) and prefill (M > 16) sizes."""
+    n, k, p, t, w_ref = layers[case]
+    g = torch.Generator().manual_seed(case)
+    for m in (1, 2, 3, 5, 8, 9, 16, 17, 40):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        y = cpu.cpu_linear(x, t, p, isa)
+        assert y.dtype == dtype and y.shape == (m, n)
+        y_ref = x.double() @ w_ref.t()
+        prefill_bf16 = m > cpu.DEFAULT_CONFIG.decode_max_m and dtype == torch.bfloat16
+        bound = _bound(x, w_ref, y_ref, dtype, torch.finfo(torch.bfloat16).eps / 2 if prefill_bf16 else 0.0)
+        err = (y.double() - y_ref).abs()
+        assert bool((err <= bound).all()), f"M={m}: max error / bound {float((err / bound).max()):.3g}"
+
+
+@pytest.mark.parametrize("decode_max_m", [0, 16])
+def test_decode_and_prefill_paths_agree(layers, decode_max_m):
+    """The same M through either path (forced by the config) gives the same fp32 result up to order."""
+    n, k, p, t, w_ref = layers[2]
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(3))
+    cfg = cpu.CpuKernelConfig(decode_max_m=decode_max_m, tile_bytes=4096)  # tiny tiles: many tasks
+    y = cpu.cpu_linear(x, t, p, config=cfg)
+    y_ref = x.double() @ w_ref.t()
+    assert bool(((y.double() - y_ref).abs() <= _bound(x, w_ref, y_ref, torch.float32, 0.0)).all())
+
+
+def test_threads_do_not_change_the_result(layers):
+    """Rows are split over torch's intra-op threads; each output is computed by one thread."""
+    n, k, p, t, _ = layers[1]
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = cpu.cpu_linear(x, t, p)
+        torch.set_num_threads(2)
+        y2 = cpu.cpu_linear(x, t, p)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)
+
+
+def test_bad_tensors_are_named():
+    """A tensor of the wrong dtype or a missing one is refused with its name, not read as garbage."""
+    p = fmt.LayerProfile(block_size=32, zone_bits=1, col_scale=True)
+    t = random_layer(p, 8, 64, 0)
+    x = torch.randn(1, 64)
+    bad = dict(t, **{fmt.SCALE: t[fmt.SCALE].float()})
+    with pytest.raises(RuntimeError, match="weight_scale"):
+        cpu.cpu_linear(x, bad, p)
+    missing = {k: v for k, v in t.items() if k != fmt.ZONE}
+    with pytest.raises(RuntimeError, match="weight_zone"):
+        cpu.cpu_linear(x, missing, p)
+    with pytest.raises(RuntimeError, match="K=64"):
+        cpu.cpu_linear(torch.randn(1, 32), t, p)
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu.cpu_linear(x, t, p, isa="avx9000")
+
+
+# ---------------------------------------------------------------------------------------
+# The custom op and the chooser
+# ---------------------------------------------------------------------------------------
+def _op_args(t: dict, p: fmt.LayerProfile) -> tuple:
+    return (t[fmt.PACKED], t.get(fmt.ZONE), t.get(fmt.RESIDUAL), t.get(fmt.PERM), t[fmt.SCALE],
+            t.get(fmt.COL_SCALE), t.get(fmt.OFFSET), p.block_size, p.zone_bits, p.salient,
+            p.salient_zoned, p.col_scale, p.offset)
+
+
+@pytest.mark.parametrize("kernel", [f"cpu-{isa}" for isa in ISAS] + ["torch"])
+def test_opcheck_sab_linear(layers, kernel):
+    """torch.library.opcheck: schema, fake (meta) shapes incl. leading dims, and compile tracing agree."""
+    n, k, p, t, _ = layers[2]
+    for shape in ((3, k), (2, 5, k)):
+        x = torch.randn(*shape)
+        torch.library.opcheck(torch.ops.sab.linear.default, (x, *_op_args(t, p), kernel))
+
+
+def test_op_leading_dims_equal_flat(layers):
+    """The real op and ops.linear accept [..., K], as the fake implementation says."""
+    n, k, p, t, _ = layers[3]
+    x = torch.randn(2, 3, k)
+    y = torch.ops.sab.linear(x, *_op_args(t, p), "cpu-" + ISAS[0])
+    assert y.shape == (2, 3, n)
+    assert torch.equal(y.reshape(6, n), ops.linear(x.reshape(6, k), t, p, "cpu-" + ISAS[0]))
+
+
+def test_op_compiles_fullgraph(layers):
+    """The op stays one opaque call under torch.compile(fullgraph=True), as vLLM compiles layers."""
+    n, k, p, t, _ = layers[1]
+
+    def f(x):
+        return ops.linear(x, t, p, "cpu-" + ISAS[0]) * 2
+
+    x = torch.randn(4, k)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), f(x))
+
+
+def test_chooser_prefers_native_on_cpu(monkeypatch):
+    """On CPU the best native ISA wins, ahead of Triton's interpreter and the torch reference."""
+    monkeypatch.delenv(chooser.FORCE_ENV, raising=False)
+    p = fmt.LayerProfile()
+    for dtype in DTYPES:
+        assert chooser.choose("cpu", dtype, p).name == f"cpu-{ISAS[0]}"
+    lines = chooser.explain("cpu", torch.float32, p)
+    assert any(line.startswith(f"cpu-{ISAS[0]}: yes") for line in lines)
+    assert any(line.startswith("torch: yes") for line in lines)
+
+
+def test_chooser_forcing(monkeypatch):
+    """SAB_KERNEL forces by name; a kernel that cannot run the layer is an error that says why."""
+    p = fmt.LayerProfile()
+    monkeypatch.setenv(chooser.FORCE_ENV, "torch")
+    assert chooser.choose("cpu", torch.float32, p).name == "torch"
+    monkeypatch.setenv(chooser.FORCE_ENV, "cpu")
+    assert chooser.choose("cpu", torch.float32, p).name == f"cpu-{ISAS[0]}"
+    monkeypatch.setenv(chooser.FORCE_ENV, "cpu-scalar")
+    assert chooser.choose("cpu", torch.bfloat16, p).name == "cpu-scalar"
+    monkeypatch.setenv(chooser.FORCE_ENV, "cpu-avx512")
+    with pytest.raises(ValueError, match="native CPU kernel runs CPU tensors"):
+        chooser.choose("cuda", torch.float16, p, where="model.layers.0.mlp")
+    monkeypatch.setenv(chooser.FORCE_ENV, "fast")
+    with pytest.raises(ValueError, match="SAB_KERNEL='fast'"):
+        chooser.choose("cpu", torch.float32, p)
+
+
+def test_fallback_when_the_build_fails(monkeypatch):
+    """Without a compiler the torch reference serves, after one warning that says why."""
+    monkeypatch.delenv(chooser.FORCE_ENV, raising=False)
+    monkeypatch.setattr(cpu, "_load", lambda: (None, "RuntimeError: g++: not found"))
+    cpu._warn_once.cache_clear()
+    monkeypatch.setattr(cpu, "available_isas", lambda: ())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        k = chooser.choose("cpu", torch.float32, fmt.LayerProfile())
+    assert k.name == "torch"
+    assert [str(w.message) for w in caught if "g++: not found" in str(w.message)]
+    cpu._warn_once.cache_clear()
