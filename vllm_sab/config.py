@@ -55,7 +55,9 @@ class SabConfig(QuantizationConfig):
 
     @classmethod
     def get_min_capability(cls) -> int:
-        # tl.dot with fp16 operands needs Turing (sm75) or newer.
+        """75: the Triton kernel's fp16/fp32 ``tl.dot`` runs on Turing (sm75) or newer. bfloat16
+        needs 8.0; :func:`~vllm_sab.linear_method.check_activation_dtype` refuses it below that
+        when the layers are created."""
         return 75
 
     @staticmethod
@@ -91,10 +93,14 @@ class SabConfig(QuantizationConfig):
             fmt.validate_checkpoint(model_name)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
-        """Add the vLLM names of the quantized modules (idempotent; vLLM may call it twice)."""
+        """Add the vLLM names of the quantized modules (idempotent; vLLM may call it twice).
+
+        Uses ``WeightsMapper.apply_list``, the public API every vLLM version of the supported
+        range has (in-tree configs use it too); a name the mapper drops keeps only its
+        checkpoint name.
+        """
         for name, profile in list(self.module_profiles.items()):
-            mapped = hf_to_vllm_mapper._map_name(name)
-            if mapped is not None:
+            for mapped in hf_to_vllm_mapper.apply_list([name]):
                 self.module_profiles[mapped] = profile
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):

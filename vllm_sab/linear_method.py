@@ -63,7 +63,10 @@ class SabLinearMethod(LinearMethodBase):
         Raises:
             FormatError: this rank's K is not a multiple of the block size
                 (e.g. a row-parallel layer at a tensor-parallel size that cuts a block).
+            ValueError: bfloat16 activations on a CUDA GPU below compute capability 8.0
+                (see :func:`check_activation_dtype`).
         """
+        check_activation_dtype(params_dtype, _device_capability(), self.prefix)
         n, k = sum(output_partition_sizes), input_size_per_partition
         k_split = input_size // input_size_per_partition
         try:
@@ -116,13 +119,53 @@ class SabLinearMethod(LinearMethodBase):
                 which = "" if missing == {None} else f" (shards {sorted(map(str, missing))})"
                 raise fmt.FormatError(f"{self.prefix}: tensor '{name}' missing from the checkpoint{which}")
         fmt.validate({name: getattr(layer, name).data for name in specs}, self.profile, n, k, where=self.prefix)
-        del layer.sab_loaded
+        # Start the next load from scratch: an in-place weight reload (vLLM's reload_weights)
+        # runs the loaders and this method again, and must see what that load provided.
+        layer.sab_loaded = defaultdict(set)
+        layer.sab_meta_counted = set()
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """y = x W_hat^T (+ bias) through the ``sab::linear`` custom op."""
         tensors = {name: getattr(layer, name) for name in self.tensor_names}
         y = ops.linear(x, tensors, self.profile)
         return y if bias is None else y + bias
+
+
+#: Compute capability (major * 10 + minor) the Triton kernel's bfloat16 ``tl.dot`` needs (Ampere).
+BF16_MIN_CAPABILITY = 80
+
+
+def check_activation_dtype(dtype: torch.dtype, capability: int | None, prefix: str = "sab") -> None:
+    """Refuse an activation dtype the Triton kernel cannot run on this GPU.
+
+    fp16 and fp32 run from compute capability 7.5 (:meth:`SabConfig.get_min_capability`);
+    bfloat16 ``tl.dot`` needs 8.0.
+
+    Args:
+        dtype: the model's activation dtype (vLLM's ``params_dtype``).
+        capability: the CUDA device's ``major * 10 + minor``, or None off CUDA (CPU serving
+            runs the torch path, which takes every dtype).
+        prefix: module name for the message.
+
+    Raises:
+        ValueError: ``dtype`` is bfloat16 and ``capability`` is below 80; the message names
+            the module, the capability and the dtype to use instead.
+    """
+    if dtype == torch.bfloat16 and capability is not None and capability < BF16_MIN_CAPABILITY:
+        raise ValueError(
+            f"{prefix}: sab's Triton kernel needs compute capability 8.0 for bfloat16 activations "
+            f"(this GPU has {capability // 10}.{capability % 10}); serve with --dtype float16"
+        )
+
+
+def _device_capability() -> int | None:
+    """``major * 10 + minor`` of the current CUDA device, or None when vLLM is not on CUDA."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return None
+    cap = current_platform.get_device_capability()
+    return None if cap is None else cap.to_int()
 
 
 def _nk(layer: torch.nn.Module) -> tuple[int, int]:
@@ -165,7 +208,8 @@ def _checked_loader(
     def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         _check_meta(loaded_weight, name, spec, k_split, prefix)
         vllm_loader(param, loaded_weight, *args, **kwargs)
-        _record(layer, name, args[0] if args else kwargs.get("loaded_shard_id"))
+        if not param.is_meta:  # see _shared_loader
+            _record(layer, name, args[0] if args else kwargs.get("loaded_shard_id"))
 
     return load
 
@@ -178,6 +222,18 @@ def _shared_loader(
         if k_split > 1:
             local = param.data.shape[spec.k_dim]
             loaded_weight = loaded_weight.narrow(spec.k_dim, layer.tp_rank * local, local)
+        if param.is_meta:
+            # vLLM's in-place weight reload first runs every loader on meta tensors to count
+            # the elements a layer gets (it processes the layer once the count reaches the
+            # layer's size), then materializes the layer and replays the loads: only the
+            # replay holds values to compare and record. Every fused shard brings the same
+            # K-indexed tensor: count (copy) it once, or the layer would be processed before
+            # its last shard arrived.
+            counted = layer.__dict__.setdefault("sab_meta_counted", set())
+            if name not in counted:
+                counted.add(name)
+                param.data.copy_(loaded_weight)
+            return
         if layer.sab_loaded.get(name) and not torch.equal(param.data, loaded_weight.to(param.device)):
             raise fmt.FormatError(
                 f"{prefix}.{name}: fused shards store different values; sab needs the shards of a "
