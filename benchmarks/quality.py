@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, (method, extra) in runs.items():
         ckpt = work / "".join(c if c.isalnum() or c in "+-" else "_" for c in label)
         seconds, peak_mib = _run_calibration(
-            ["--model", args.model, "--output", str(ckpt), "--method", method, "--num-samples", str(args.num_samples),
-             "--overwrite", "--no-progress", *extra]
+            ["--model", args.model, "--output", str(ckpt), "--method", method, "--data", "builtin",
+             "--num-samples", str(args.num_samples), "--overwrite", "--no-progress", *extra]
         )
         full_report = json.loads((ckpt / "sab_report.json").read_text())
         report = full_report["summary"]

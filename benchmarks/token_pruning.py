@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if sab is None:
         sab = str(Path(args.work) / "sab")
         subprocess.run([sys.executable, "-m", "vllm_sab.calibrate.cli", "--model", args.model, "--output", sab,
-                        "--method", "sab", "--overwrite", "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+                        "--method", "sab", "--data", "builtin", "--overwrite", "--no-progress"], check=True, stdout=subprocess.DEVNULL)
     processor = AutoProcessor.from_pretrained(args.model)
     samples = shapesqa.samples(shapesqa.HELDOUT_SEED, args.eval_samples, balanced=True)
     timed = shapesqa.samples(shapesqa.HELDOUT_SEED + 100, args.prefill_prompts, types=shapesqa.VISUAL_TYPES)

@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("calibration data (methods that use Hessians)")
     data.add_argument(
         "--data", default=None,
-        help="'builtin' (default: offline ShapesQA samples), a .jsonl file of {image, text | conversations}, "
-        "or a Hugging Face datasets name or saved folder with image and text columns",
+        help="required by every method but sign: a .jsonl file of {image, text | conversations}, a Hugging Face "
+        "datasets name or saved folder with image and text columns, or 'builtin' (the offline synthetic "
+        "ShapesQA samples: for models/shapes-llava and tests only)",
     )
     data.add_argument("--image-root", default=None, help="folder that relative image paths in a JSONL file refer to")
     data.add_argument("--num-samples", type=int, default=128, help="calibration samples")

@@ -60,6 +60,14 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 _IMAGE_PLACEHOLDER = "<image>"
 
 
+#: Why ``data=None`` is refused (the synthetic samples must be asked for by name).
+NO_DATA_MESSAGE = (
+    "no calibration data given: pass --data FILE.jsonl or a Hugging Face dataset (data=... from Python), "
+    "or --data builtin for the built-in synthetic ShapesQA samples (64-pixel shapes and short questions: "
+    "meant for models/shapes-llava and tests, not for a real VLM)"
+)
+
+
 class CalibrationDataError(ValueError):
     """A calibration sample or source that cannot be used; the message names it (e.g. ``data.jsonl:12``)."""
 
@@ -484,7 +492,8 @@ def load_calibration_data(
     """Load ``num_samples`` calibration samples from ``spec``, deterministically.
 
     Args:
-        spec: ``None`` or ``"builtin"``: :func:`builtin_samples`; a path ending in
+        spec: ``"builtin"``: :func:`builtin_samples` (synthetic ShapesQA, an explicit choice:
+            ``None`` is refused); a path ending in
             ``.jsonl``: :func:`load_jsonl`; anything else (a folder written by
             ``save_to_disk``, a hub name, a data folder): :func:`load_hf_dataset`.
         num_samples: number of samples (fewer, with a warning, if the source has fewer).
@@ -497,11 +506,13 @@ def load_calibration_data(
         :class:`CalibrationData` with at most ``num_samples`` samples.
 
     Raises:
-        CalibrationDataError: see the loaders.
+        CalibrationDataError: ``spec`` is None (no data named), or see the loaders.
         ImportError: a dataset spec without the ``datasets`` package.
         ValueError: ``num_samples < 1``.
     """
-    if spec is None or str(spec) == "builtin":
+    if spec is None:
+        raise CalibrationDataError(NO_DATA_MESSAGE)
+    if str(spec) == "builtin":
         return builtin_samples(num_samples, seed)
     common = dict(skip_bad_samples=skip_bad_samples, num_samples=num_samples, seed=seed)
     if str(spec).lower().endswith(".jsonl"):

@@ -71,9 +71,11 @@ def calibrate(
             ``bfloat16`` or ``float32``.
         overwrite: replace an existing ``output``.
         progress: show progress bars (layers, and method steps inside a layer).
-        data: calibration data (``None``/``"builtin"``: the offline ShapesQA
-            default; a ``.jsonl`` file; a ``datasets`` name or saved folder);
-            see :mod:`vllm_sab.calibrate.data`. Unused by data-free methods.
+        data: calibration data: a ``.jsonl`` file, a ``datasets`` name or saved folder, or
+            ``"builtin"`` (the offline synthetic ShapesQA samples, for the shipped
+            ``models/shapes-llava`` and tests); see :mod:`vllm_sab.calibrate.data`.
+            Required by the methods that use Hessians (``None`` is refused, never
+            replaced by the built-in samples); unused by data-free methods (``sign``).
         num_samples: calibration samples.
         max_seq_len: tokens per sample at most (image tokens are never cut).
         seed: seed of the sample choice (the whole run is deterministic for a seed).
@@ -94,8 +96,9 @@ def calibrate(
     Raises:
         OutputExistsError: ``output`` exists and ``overwrite`` is False.
         UnsupportedArchitectureError: the model type is not supported.
-        ValueError: unknown method, dtype or token pool; the model is already
-            quantized; a resume with different settings.
+        ValueError: unknown method, dtype or token pool; no ``data`` for a method that
+            needs it (``CalibrationDataError``); the model is already quantized; a resume
+            with different settings.
         FormatError: a language-model linear has K not a multiple of ``block_size``.
         HessianError: a layer's Hessian cannot be inverted (the layer is named).
         FloatingPointError: NaN/Inf activations or weights (the layer is named).
@@ -112,6 +115,15 @@ def calibrate(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     samples = None
     if quantizer.needs_stats:
+        if data is None:
+            from .data import NO_DATA_MESSAGE, CalibrationDataError
+
+            raise CalibrationDataError(f"method {method!r} calibrates on data; {NO_DATA_MESSAGE}")
+        if str(data) == "builtin":
+            logger.warning(
+                "calibrating on the built-in synthetic ShapesQA samples (64-pixel shapes, short questions): "
+                "right for models/shapes-llava and tests, not representative data for another model"
+            )
         samples = _encoded_samples(model, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root)
     settings = {
         "model": str(model), "method": method, "block_size": block_size, "quantize_vision": quantize_vision,
@@ -152,7 +164,7 @@ def calibrate(
 
     results = _Results(adapter)
     if quantizer.needs_stats:
-        results.calibration = {"data": data or "builtin", "samples": len(samples), "token_pool": token_pool}
+        results.calibration = {"data": str(data), "samples": len(samples), "token_pool": token_pool}
 
     # Vision tower and projector first: the decoder layers then see quantized visual tokens.
     if vision_groups:

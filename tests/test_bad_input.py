@@ -282,3 +282,20 @@ def test_vllm_refuses_bad_tensor_values_at_load(all_parts_ckpt, tmp_path, make_l
     fmt.validate_checkpoint(bad)  # headers are fine: only a value check can see this
     with pytest.raises(Exception, match=r"language_model\.model\.layers\.0\." + pattern):
         make_llm(bad, quantization="sab")
+
+
+def test_hessian_method_without_data_is_refused_before_any_work(tmp_path, capsys, tiny_vlm):
+    """No --data: a method that calibrates on data refuses, naming --data and the builtin choice
+    (the synthetic ShapesQA samples are never a silent default); sign needs no data."""
+    from vllm_sab.calibrate.data import CalibrationDataError
+
+    model = tiny_vlm("llava")
+    with pytest.raises(CalibrationDataError, match=r"method 'billm' calibrates on data; no calibration data given: pass --data"):
+        calibrate(model, tmp_path / "o", method="billm", progress=False)
+    base = ["--model", str(model), "--no-progress", "--num-samples", "2", "--max-seq-len", "128"]
+    assert cli_main([*base, "--output", str(tmp_path / "cli"), "--method", "sab"]) == 2
+    assert "or --data builtin for the built-in synthetic ShapesQA samples" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert cli_main([*base, "--output", str(tmp_path / "b"), "--method", "billm", "--data", "builtin"]) == 0
+    assert json.loads((tmp_path / "b" / "sab_report.json").read_text())["calibration"]["data"] == "builtin"
+    assert cli_main([*base, "--output", str(tmp_path / "s"), "--method", "sign"]) == 0

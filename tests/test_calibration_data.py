@@ -254,10 +254,9 @@ def test_builtin_is_deterministic_and_mixes_image_and_text():
     for s in a:
         assert [m["role"] for m in s.messages] == ["user", "assistant"]
         assert isinstance(s.messages[1]["content"], str) and s.messages[1]["content"]
-    # The dispatcher's default is the builtin data.
-    assert _fingerprint(load_calibration_data(None, num_samples=5, seed=3)) == _fingerprint(
-        load_calibration_data("builtin", num_samples=5, seed=3)
-    )
+    # The built-in data is a choice, never a default: the dispatcher refuses no spec.
+    with pytest.raises(CalibrationDataError, match="no calibration data given.*--data builtin"):
+        load_calibration_data(None, num_samples=5, seed=3)
 
 
 # --------------------------------------------------------------------------- encoding

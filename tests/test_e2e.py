@@ -116,7 +116,7 @@ def test_hessian_method_checkpoint_served_by_vllm_matches_transformers(tiny_vlm,
     """
     arch = ("llava", "qwen2_5_vl")[_HESSIAN_METHODS.index(method) % 2]
     ckpt = calibrate(tiny_vlm(arch), tmp_path / "sab", method=method, quantize_vision=arch != "llava",
-                     num_samples=6, max_seq_len=256, progress=False)
+                     data="builtin", num_samples=6, max_seq_len=256, progress=False)
     report = __import__("json").loads((ckpt / "sab_report.json").read_text())
     assert report["calibration"]["samples"] == 6
     assert all(0 <= r["output_rel_error"] < 1 for r in report["layers"])
@@ -132,7 +132,7 @@ def test_atv_pruned_dense_checkpoint_served_by_stock_vllm(tiny_vlm, make_llm, tm
     from safetensors.torch import load_file
 
     ckpt = calibrate(tiny_vlm("llava"), tmp_path / "pruned", method="atv-prune", token_pool="atv",
-                     num_samples=6, max_seq_len=256, progress=False)
+                     data="builtin", num_samples=6, max_seq_len=256, progress=False)
     assert "quantization_config" not in json.loads((ckpt / "config.json").read_text())
     state = load_file(str(ckpt / "model.safetensors"))
     w = state["model.language_model.layers.1.mlp.down_proj.weight"]

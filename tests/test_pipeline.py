@@ -12,7 +12,7 @@ from vllm_sab.calibrate import calibrate
 from vllm_sab.calibrate.methods import ARBRCMethod
 from vllm_sab.calibrate.resume import ResumeError
 
-_FAST = dict(num_samples=4, max_seq_len=192, progress=False)
+_FAST = dict(data="builtin", num_samples=4, max_seq_len=192, progress=False)
 
 
 def _tensors(ckpt):
@@ -290,7 +290,7 @@ def test_resume_refuses_other_data_and_other_data_settings(tiny_vlm, tmp_path, m
         return original(self, weight, stats)
 
     monkeypatch.setattr(ARBRCMethod, "quantize", dies_in_layer_1)
-    run = dict(method="arb-rc", data=str(data), **_FAST)
+    run = {**_FAST, "method": "arb-rc", "data": str(data)}
     with pytest.raises(KeyboardInterrupt):
         calibrate(model, tmp_path / "o", **run)
     monkeypatch.setattr(ARBRCMethod, "quantize", original)
