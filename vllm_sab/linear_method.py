@@ -67,6 +67,7 @@ class SabLinearMethod(LinearMethodBase):
                 (see :func:`check_activation_dtype`).
         """
         check_activation_dtype(params_dtype, _device_capability(), self.prefix)
+        self.params_dtype = params_dtype  # the activation dtype the kernel is chosen for
         n, k = sum(output_partition_sizes), input_size_per_partition
         k_split = input_size // input_size_per_partition
         try:
@@ -104,9 +105,13 @@ class SabLinearMethod(LinearMethodBase):
         ``0..block_size-1`` (the kernels gather with it unchecked) and ``weight_scale``,
         ``weight_col_scale`` and ``weight_offset`` are finite.
 
+        Then chooses the layer's kernel for its device and activation dtype
+        (``vllm_sab.kernels.chooser``), once.
+
         Raises:
             FormatError: naming the vLLM module and the tensor (and shard) that the
                 checkpoint did not provide or whose values are invalid.
+            ValueError: ``SAB_KERNEL`` forces a kernel that cannot run this layer.
         """
         n, k = _nk(layer)
         specs = fmt.tensor_specs(self.profile, n, k)
@@ -123,11 +128,15 @@ class SabLinearMethod(LinearMethodBase):
         # runs the loaders and this method again, and must see what that load provided.
         layer.sab_loaded = defaultdict(set)
         layer.sab_meta_counted = set()
+        # The kernel is chosen once per layer, here, not per call (vllm_sab.kernels.chooser).
+        layer.sab_kernel = ops.choose_kernel(
+            layer._parameters[fmt.PACKED].device, self.params_dtype, self.profile, where=self.prefix
+        )
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """y = x W_hat^T (+ bias) through the ``sab::linear`` custom op."""
         tensors = {name: getattr(layer, name) for name in self.tensor_names}
-        y = ops.linear(x, tensors, self.profile)
+        y = ops.linear(x, tensors, self.profile, layer.sab_kernel)
         return y if bias is None else y + bias
 
 
