@@ -144,7 +144,16 @@ log "vllm launcher ok: $vllm_cli_v"
 log "installing vllm-sab (editable, [test,bench])"
 "${PIP[@]}" install --quiet --quiet -e ".[test,bench]"
 
-# --- 6. summary -----------------------------------------------------------------
+# --- 6. native CPU kernels: build now (cached), not on the first vllm serve ---------
+# Needs g++ and ninja; without them sab layers run the torch reference (slow) and the
+# plugin warns once. The build lands in ~/.cache/vllm_sab (SAB_CPU_BUILD_DIR overrides).
+if "$PY" -m vllm_sab.kernels.cpu; then
+    :
+else
+    log "WARNING: native CPU kernels did not build (see above); sab layers will use the slow torch path"
+fi
+
+# --- 7. summary -----------------------------------------------------------------
 "$PY" - <<'EOF'
 import importlib.metadata as m
 def v(d):

@@ -153,7 +153,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
       xsum.resize(static_cast<size_t>(mt * (k / block) * ops->lanes));
       sab_cpu::lane_block_sums(xs.data_ptr<float>(), mt, k, block, ops->lanes, xsum.data());
     }
-    auto y = torch::empty({m, n}, torch::kFloat);
+    auto y = torch::zeros({m, n}, torch::kFloat);  // the kernel adds K panels into it
     const float* xp = xs.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));

@@ -25,7 +25,8 @@ struct LayerView {
 struct IsaOps {
   const char* name;
   int lanes;
-  // y[m * ldy + n] = sum_j x[m * K + j] * W_stored[n, j] for m < M, n in [n0, n1).
+  // y[m * ldy + n] += sum_j x[m * K + j] * W_stored[n, j] for m < M, n in [n0, n1) (y zeroed
+  // by the caller).
   // x: float32 [mt, K] in stored column order, mt = decode_tile(M) rows (rows >= M are
   // zero padding the kernel may read). M <= kMaxDecodeM. xsum: lane_block_sums(x) for the
   // sign profile (is_sign_profile), unused otherwise.
