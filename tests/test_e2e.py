@@ -142,3 +142,95 @@ def test_atv_pruned_dense_checkpoint_served_by_stock_vllm(tiny_vlm, make_llm, tm
 
     served = vllm_greedy(make_llm(ckpt), ckpt)
     assert served == hf_greedy(load_transformers(ckpt), ckpt)
+
+
+@pytest.mark.vllm
+def test_native_cpu_kernel_serves_by_default(tiny_vlm, make_llm, tmp_path, monkeypatch, all_parts_method):
+    """Without SAB_KERNEL, vLLM on CPU serves through the native kernel, decode and prefill paths
+    both, and its greedy tokens equal the dequantized transformers reference (every format part)."""
+    import dataclasses
+
+    from vllm_sab.kernels import chooser, cpu
+
+    monkeypatch.delenv(chooser.FORCE_ENV, raising=False)
+    name = chooser.choose("cpu", torch.float32, fmt.LayerProfile()).name
+    assert name.startswith("cpu-"), chooser.explain("cpu", torch.float32, fmt.LayerProfile())
+    native = chooser.BY_NAME[name]
+    rows: list[int] = []
+
+    def counted(x, tensors, profile):
+        rows.append(x.shape[0])
+        return native.run(x, tensors, profile)
+
+    monkeypatch.setitem(chooser.BY_NAME, name, dataclasses.replace(native, run=counted))
+    ckpt = calibrate(tiny_vlm("llava"), tmp_path / "sab", method=all_parts_method, progress=False)
+    _check_served_equals_reference(make_llm, ckpt, expect_quantized=2 * 4)
+    limit = cpu.DEFAULT_CONFIG.decode_max_m
+    assert rows and min(rows) <= limit < max(rows), f"token counts seen by the kernel: {sorted(set(rows))}"
+
+
+@pytest.mark.vllm
+def test_compiled_vllm_matches_transformers(tiny_vlm, make_llm, tmp_path, all_parts_method):
+    """vLLM with torch.compile on (enforce_eager=False: Dynamo + Inductor over the decoder, the
+    sab::linear custom op opaque inside the graph) serves the same greedy tokens as the
+    dequantized transformers model, for a checkpoint with every optional format part."""
+    ckpt = calibrate(tiny_vlm("llava"), tmp_path / "sab", method=all_parts_method, progress=False)
+    from vllm_sab import ops
+
+    before = ops.call_count
+    llm = make_llm(ckpt, quantization="sab", enforce_eager=False)
+    from vllm.config.compilation import CompilationMode
+
+    # On CPU vLLM compiles with DYNAMO_TRACE_ONCE (Dynamo once, Inductor backend); NONE is eager.
+    assert llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
+    served = vllm_greedy(llm, ckpt)
+    assert ops.call_count - before >= 2 * 4, "vLLM did not run the sab linear path"
+    assert served and served == hf_greedy(load_dequantized(ckpt, torch.float32), ckpt)
+
+
+_TP_SCRIPT = r'''
+import json, sys
+
+def main():
+    sys.path.insert(0, sys.argv[3])
+    from e2e_helpers import vllm_greedy
+    from vllm import LLM
+
+    llm = LLM(sys.argv[1], quantization="sab", dtype="float32", enforce_eager=True, max_model_len=512,
+              kv_cache_memory_bytes=64 << 20, limit_mm_per_prompt={"image": 1}, seed=0,
+              tensor_parallel_size=int(sys.argv[2]))
+    print("TOKENS " + json.dumps(vllm_greedy(llm, sys.argv[1])), flush=True)
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.mark.vllm
+def test_tensor_parallel_2_on_cpu_matches_tp1(tiny_vlm, tmp_path, all_parts_method):
+    """tensor_parallel_size=2 on vLLM's CPU backend (two worker processes, one core each) serves
+    the tokens of tensor_parallel_size=1 and of transformers: row-parallel o_proj / down_proj load
+    K halves (with their halves of weight_perm and weight_col_scale), column-parallel qkv /
+    gate_up load their heads and rows."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ckpt = calibrate(tiny_vlm("llava"), tmp_path / "sab", method=all_parts_method, progress=False)
+    script = tmp_path / "tp_generate.py"
+    script.write_text(_TP_SCRIPT)
+    # vLLM's CPU backend binds each rank's threads to a NUMA node by default and refuses TP=2 on
+    # one node ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers"); bind by hand.
+    cores = sorted(os.sched_getaffinity(0))
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1",
+               VLLM_CPU_OMP_THREADS_BIND=f"{cores[0]}|{cores[-1] if len(cores) > 1 else cores[0]}")
+    tokens = {}
+    for tp in (1, 2):
+        proc = subprocess.run([sys.executable, str(script), str(ckpt), str(tp), str(Path(__file__).parent)],
+                              env=env, capture_output=True, text=True, timeout=500)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS ")]
+        assert proc.returncode == 0 and lines, f"TP={tp} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+        tokens[tp] = json.loads(lines[-1][len("TOKENS "):])
+    assert tokens[1] and tokens[2] == tokens[1] == hf_greedy(load_dequantized(ckpt, torch.float32), ckpt)
