@@ -45,6 +45,10 @@ struct V {
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane));
   }
   static M mask_at(const uint8_t* row, int64_t j) { return mask(row[j >> 3]); }
+  using S = M;  // sign planes as lane masks (see isa_avx512.cpp)
+  static S sign_bits(uint32_t bits) { return mask(bits); }
+  static S sign_at(const uint8_t* row, int64_t j) { return mask_at(row, j); }
+  static F apply_sign(S s, F a) { return neg_where_clear(s, a); }
   static F blend(M m, F a, F b) { return _mm256_blendv_ps(a, b, m); }
   static F neg_where_clear(M s, F a) {
     return _mm256_xor_ps(a, _mm256_andnot_ps(s, _mm256_set1_ps(-0.0f)));
