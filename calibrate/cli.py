@@ -36,7 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
         "datasets name or saved folder with image and text columns, or 'builtin' (the offline synthetic "
         "ShapesQA samples: for models/shapes-llava and tests only)",
     )
-    data.add_argument("--image-root", default=None, help="folder that relative image paths in a JSONL file refer to")
+    data.add_argument("--image-root", default=None, help="folder that relative image paths in a JSONL file or dataset refer to")
+    data.add_argument("--split", default="train", help="Hugging Face dataset: the split to draw from (default: train)")
+    data.add_argument(
+        "--image-column", default="image",
+        help="Hugging Face dataset: the image column (default: image; 'none' for text-only data)",
+    )
+    data.add_argument(
+        "--text-column", default=None,
+        help="Hugging Face dataset: the prompt or conversation column (default: the first of "
+        "conversations, messages, text, question, caption, prompt that exists)",
+    )
     data.add_argument("--num-samples", type=int, default=128, help="calibration samples")
     data.add_argument("--max-seq-len", type=int, default=2048, help="tokens per sample at most (image tokens are never cut)")
     data.add_argument("--seed", type=int, default=0, help="seed of the sample choice")
@@ -102,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             skip_bad_samples=args.skip_bad_samples,
             image_root=args.image_root,
+            split=args.split,
+            image_column=None if args.image_column.lower() == "none" else args.image_column,
+            text_column=args.text_column,
             token_pool=args.token_pool,
             atv_alpha=args.atv_alpha,
             method_options=options,

@@ -52,6 +52,9 @@ def calibrate(
     seed: int = 0,
     skip_bad_samples: bool = False,
     image_root: str | Path | None = None,
+    split: str = "train",
+    image_column: str | None = "image",
+    text_column: str | None = None,
     token_pool: str | None = None,
     atv_alpha: float = 1.0,
     method_options: dict[str, Any] | None = None,
@@ -81,6 +84,9 @@ def calibrate(
         seed: seed of the sample choice (the whole run is deterministic for a seed).
         skip_bad_samples: skip (and count) missing or corrupt samples instead of failing.
         image_root: folder that relative image paths of a JSONL file refer to.
+        split, image_column, text_column: a Hugging Face dataset's split, image column
+            (None: text-only data) and text column (None: the first of
+            ``data.TEXT_COLUMNS`` it has); see :func:`~vllm_sab.calibrate.data.load_hf_dataset`.
         token_pool: tokens of the compensation Hessian: ``all``, ``text`` or
             ``atv`` (ATV-Pruning's text + drift-selected visual pool); None
             means the method's ``default_token_pool`` (``atv`` for the
@@ -124,11 +130,13 @@ def calibrate(
                 "calibrating on the built-in synthetic ShapesQA samples (64-pixel shapes, short questions): "
                 "right for models/shapes-llava and tests, not representative data for another model"
             )
-        samples = _encoded_samples(model, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root)
+        samples = _encoded_samples(model, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root,
+                                   dict(split=split, image_column=image_column, text_column=text_column))
     settings = {
         "model": str(model), "method": method, "block_size": block_size, "quantize_vision": quantize_vision,
         "dtype": dtype, "data": data, "num_samples": num_samples, "max_seq_len": max_seq_len, "seed": seed,
         "skip_bad_samples": skip_bad_samples, "image_root": None if image_root is None else str(image_root),
+        "split": split, "image_column": image_column, "text_column": text_column,
         "token_pool": token_pool, "atv_alpha": atv_alpha, "method_options": method_options or {},
         "vllm_sab_version": __version__,
         # What the model is calibrated on, as encoded: another file with the same name, edited
@@ -412,14 +420,15 @@ def data_fingerprint(samples) -> str:
     return digest.hexdigest()
 
 
-def _encoded_samples(model, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root):
+def _encoded_samples(model, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root, columns):
     from transformers import AutoProcessor
 
     from . import data as calib_data
 
     processor = AutoProcessor.from_pretrained(str(model))
     raw = calib_data.load_calibration_data(
-        data, num_samples=num_samples, seed=seed, skip_bad_samples=skip_bad_samples, image_root=image_root
+        data, num_samples=num_samples, seed=seed, skip_bad_samples=skip_bad_samples, image_root=image_root,
+        **columns,
     )
     return [calib_data.encode(processor, s, max_seq_len=max_seq_len) for s in raw]
 

@@ -299,3 +299,28 @@ def test_hessian_method_without_data_is_refused_before_any_work(tmp_path, capsys
     assert cli_main([*base, "--output", str(tmp_path / "b"), "--method", "billm", "--data", "builtin"]) == 0
     assert json.loads((tmp_path / "b" / "sab_report.json").read_text())["calibration"]["data"] == "builtin"
     assert cli_main([*base, "--output", str(tmp_path / "s"), "--method", "sign"]) == 0
+
+
+def test_cli_hugging_face_dataset_split_and_columns(tmp_path, capsys, tiny_vlm):
+    """--split / --image-column / --text-column pick a saved dataset's split and columns (names
+    the auto-detection would not find); a missing column is one error line naming it, exit 2."""
+    import datasets
+    from PIL import Image
+
+    rows = {"picture": [Image.new("RGB", (40, 40), (40 * i, 200, 30)) for i in range(3)],
+            "query": [f"What color is shape {i}?" for i in range(3)],
+            "answer": ["green"] * 3}
+    folder = tmp_path / "ds"
+    datasets.DatasetDict({"calib": datasets.Dataset.from_dict(rows)}).save_to_disk(str(folder))
+    base = ["--model", str(tiny_vlm("llava")), "--method", "billm", "--data", str(folder), "--num-samples", "3",
+            "--max-seq-len", "192", "--no-progress"]
+    ok = [*base, "--split", "calib", "--image-column", "picture", "--text-column", "query"]
+    assert cli_main([*ok, "--output", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "sab_report.json").read_text())
+    assert report["calibration"]["samples"] == 3
+    capsys.readouterr()
+    assert cli_main([*base, "--split", "calib", "--image-column", "picture", "--output", str(tmp_path / "x")]) == 2
+    assert "query" in capsys.readouterr().err  # no known text column: the message lists the columns
+    assert cli_main([*ok[:-2], "--text-column", "nope", "--output", str(tmp_path / "y")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
