@@ -213,3 +213,23 @@ def test_fallback_when_the_build_fails(monkeypatch):
     assert k.name == "torch"
     assert [str(w.message) for w in caught if "g++: not found" in str(w.message)]
     cpu._warn_once.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefill_under_inference_mode(dtype):
+    """vLLM runs forwards under torch.inference_mode: the prefill tiles are written by torch's
+    worker threads, which must run in the caller's mode (else: 'Inplace update to inference
+    tensor outside InferenceMode'). Several tiles, so the workers really share the output."""
+    p = fmt.LayerProfile(block_size=64, zone_bits=1, salient=8, salient_zoned=True, col_scale=True)
+    n, k = 256, 512
+    t = random_layer(p, n, k, 7)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    cfg = cpu.CpuKernelConfig(tile_bytes=16 * k * 4)  # 16-row tiles: 16 tasks
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            y = cpu.cpu_linear(x, t, p, config=cfg)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y, cpu.cpu_linear(x, t, p, config=cfg))

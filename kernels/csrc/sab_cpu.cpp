@@ -173,7 +173,12 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
   auto yT = torch::empty({n, m}, torch::TensorOptions().dtype(ct));
   const int64_t rows = std::max<int64_t>(1, tile_rows);
   const int64_t tiles = (n + rows - 1) / rows;
+  // torch's worker threads do not inherit the caller's inference mode; vLLM runs every
+  // forward under torch.inference_mode, and writing (mm_out) into yT, an inference tensor,
+  // from a thread outside that mode raises.
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode mode(inference);
     auto tile = torch::empty({rows, k}, torch::TensorOptions().dtype(ct));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, n1 = std::min(n, n0 + rows);
