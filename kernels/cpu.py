@@ -186,23 +186,7 @@ def cpu_linear(
     if module is None:
         raise RuntimeError(f"vllm_sab native CPU kernels are not available: {build_error()}")
     return module.linear(
-        x,
-        tensors[fmt.PACKED],
-        tensors.get(fmt.ZONE),
-        tensors.get(fmt.RESIDUAL),
-        tensors.get(fmt.PERM),
-        tensors[fmt.SCALE],
-        tensors.get(fmt.COL_SCALE),
-        tensors.get(fmt.OFFSET),
-        profile.block_size,
-        profile.zone_bits,
-        profile.salient,
-        profile.salient_zoned,
-        profile.col_scale,
-        profile.offset,
-        isa,
-        config.decode_max_m,
-        config.tile_rows(x.shape[-1], x.dtype),
+        x, *fmt.flat_layer(tensors, profile), isa, config.decode_max_m, config.tile_rows(x.shape[-1], x.dtype)
     )
 
 
@@ -219,22 +203,7 @@ def dequantize_stored(
     module = extension()
     if module is None:
         raise RuntimeError(f"vllm_sab native CPU kernels are not available: {build_error()}")
-    return module.dequantize_stored(
-        tensors[fmt.PACKED],
-        tensors.get(fmt.ZONE),
-        tensors.get(fmt.RESIDUAL),
-        tensors[fmt.SCALE],
-        tensors.get(fmt.COL_SCALE),
-        tensors.get(fmt.OFFSET),
-        profile.block_size,
-        profile.zone_bits,
-        profile.salient,
-        profile.salient_zoned,
-        profile.col_scale,
-        profile.offset,
-        isa,
-        bf16,
-    )
+    return module.dequantize_stored(*fmt.flat_layer(tensors, profile), isa, bf16)
 
 
 def main() -> int:

@@ -137,26 +137,20 @@ def test_bad_tensors_are_named():
 # ---------------------------------------------------------------------------------------
 # The custom op and the chooser
 # ---------------------------------------------------------------------------------------
-def _op_args(t: dict, p: fmt.LayerProfile) -> tuple:
-    return (t[fmt.PACKED], t.get(fmt.ZONE), t.get(fmt.RESIDUAL), t.get(fmt.PERM), t[fmt.SCALE],
-            t.get(fmt.COL_SCALE), t.get(fmt.OFFSET), p.block_size, p.zone_bits, p.salient,
-            p.salient_zoned, p.col_scale, p.offset)
-
-
 @pytest.mark.parametrize("kernel", [f"cpu-{isa}" for isa in ISAS] + ["torch"])
 def test_opcheck_sab_linear(layers, kernel):
     """torch.library.opcheck: schema, fake (meta) shapes incl. leading dims, and compile tracing agree."""
     n, k, p, t, _ = layers[2]
     for shape in ((3, k), (2, 5, k)):
         x = torch.randn(*shape)
-        torch.library.opcheck(torch.ops.sab.linear.default, (x, *_op_args(t, p), kernel))
+        torch.library.opcheck(torch.ops.sab.linear.default, (x, *fmt.flat_layer(t, p), kernel))
 
 
 def test_op_leading_dims_equal_flat(layers):
     """The real op and ops.linear accept [..., K], as the fake implementation says."""
     n, k, p, t, _ = layers[3]
     x = torch.randn(2, 3, k)
-    y = torch.ops.sab.linear(x, *_op_args(t, p), "cpu-" + ISAS[0])
+    y = torch.ops.sab.linear(x, *fmt.flat_layer(t, p), "cpu-" + ISAS[0])
     assert y.shape == (2, 3, n)
     assert torch.equal(y.reshape(6, n), ops.linear(x.reshape(6, k), t, p, "cpu-" + ISAS[0]))
 

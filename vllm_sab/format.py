@@ -597,6 +597,25 @@ def inverse_column_index(perm: torch.Tensor, block_size: int) -> torch.Tensor:
     return inv
 
 
+def flat_layer(tensors: Mapping[str, torch.Tensor], profile: LayerProfile) -> tuple:
+    """A layer as the kernels' flat argument list (``sab::linear``, the C++ CPU kernels).
+
+    Returns:
+        ``(weight_packed, weight_zone, weight_residual, weight_perm, weight_scale,
+        weight_col_scale, weight_offset, block_size, zone_bits, salient, salient_zoned,
+        col_scale, offset)``: the seven tensors of section 3 in that fixed order, None for
+        those the profile has none of, then the profile's fields.
+
+    Raises:
+        KeyError: ``weight_packed`` or ``weight_scale`` is missing.
+    """
+    return (
+        tensors[PACKED], tensors.get(ZONE), tensors.get(RESIDUAL), tensors.get(PERM), tensors[SCALE],
+        tensors.get(COL_SCALE), tensors.get(OFFSET), profile.block_size, profile.zone_bits,
+        profile.salient, profile.salient_zoned, profile.col_scale, profile.offset,
+    )
+
+
 def dequantize(
     tensors: Mapping[str, torch.Tensor], profile: LayerProfile, where: str = "layer", *, check: bool = True
 ) -> torch.Tensor:

@@ -127,20 +127,4 @@ def linear(
     """
     if kernel is None:
         kernel = _chosen(x.device, x.dtype, profile)
-    return torch.ops.sab.linear(
-        x,
-        tensors[fmt.PACKED],
-        tensors.get(fmt.ZONE),
-        tensors.get(fmt.RESIDUAL),
-        tensors.get(fmt.PERM),
-        tensors[fmt.SCALE],
-        tensors.get(fmt.COL_SCALE),
-        tensors.get(fmt.OFFSET),
-        profile.block_size,
-        profile.zone_bits,
-        profile.salient,
-        profile.salient_zoned,
-        profile.col_scale,
-        profile.offset,
-        kernel,
-    )
+    return torch.ops.sab.linear(x, *fmt.flat_layer(tensors, profile), kernel)

@@ -198,17 +198,13 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
 // W_stored rows (stored column order) as float32, for tests and debugging.
 torch::Tensor dequantize_stored(const torch::Tensor& packed, const c10::optional<torch::Tensor>& zone,
                                 const c10::optional<torch::Tensor>& residual,
-                                const torch::Tensor& scale,
+                                const c10::optional<torch::Tensor>& perm, const torch::Tensor& scale,
                                 const c10::optional<torch::Tensor>& col_scale,
                                 const c10::optional<torch::Tensor>& offset, int64_t block,
                                 int64_t zone_bits, int64_t salient, bool salient_zoned,
                                 bool col_scaled, bool has_offset, const std::string& isa,
                                 bool bf16) {
-  // W_stored does not depend on the permutation; a placeholder satisfies the check.
-  c10::optional<torch::Tensor> perm;
-  if (salient > 0 && salient < block && packed.dim() == 2) {
-    perm = torch::zeros({packed.size(1) * 32}, torch::kShort);
-  }
+  // W_stored does not depend on the permutation (it is checked like linear()'s, not used).
   torch::Tensor col32;
   const LayerView L = make_view(packed, zone, residual, perm, scale, col_scale, offset, block,
                                 zone_bits, salient, salient_zoned, col_scaled, has_offset, col32);
