@@ -640,7 +640,7 @@ def calibrate_part(args, rec: Recorder, budget: Budget) -> None:
     del model
     build_s = time.time() - t0
     cmd = [sys.executable, "-m", "vllm_sab.calibrate.cli", "--model", str(work / "model"), "--output",
-           str(work / "out"), "--method", "sab", "--device", device, "--num-samples", str(samples), "--no-progress"]
+           str(work / "out"), "--method", "sab", "--data", "builtin", "--device", device, "--num-samples", str(samples), "--no-progress"]
     rec.set(model=dict(arch="llava", **text, vision="tiny CLIP (width 128, 2 layers)"), build_s=build_s,
             command=" ".join(cmd[1:]).replace(str(work), "$WORK"))
     t0 = time.time()
