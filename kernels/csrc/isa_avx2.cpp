@@ -1,6 +1,7 @@
 // AVX2 + FMA backend (8 float lanes, lane masks as vectors) of the sab CPU kernels; see
 // isa_avx512.cpp for the backend interface. Bits become lane masks by broadcasting the
 // byte and comparing it against the lane's bit (bytes-from-bits).
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -71,3 +72,10 @@ const sab_cpu::IsaOps kOps = {"avx2", V::L, &gemv_entry, &dequant_f32_entry, &de
 namespace sab_cpu {
 const IsaOps* isa_avx2() { return &kOps; }
 }  // namespace sab_cpu
+
+#else  // not x86: the binding never selects this backend (cpu_has() is false)
+#include "sab_cpu.h"
+namespace sab_cpu {
+const IsaOps* isa_avx2() { return nullptr; }
+}  // namespace sab_cpu
+#endif

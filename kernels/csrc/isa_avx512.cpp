@@ -18,6 +18,7 @@
 //                          (so out must hold n rounded up to 8 floats)
 // Only <immintrin.h> and the plain interface header are included, before the target
 // pragma, so no inline function from elsewhere is compiled for AVX-512.
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -102,3 +103,10 @@ const sab_cpu::IsaOps kOps = {"avx512", V::L, &gemv_entry, &dequant_f32_entry, &
 namespace sab_cpu {
 const IsaOps* isa_avx512() { return &kOps; }
 }  // namespace sab_cpu
+
+#else  // not x86: the binding never selects this backend (cpu_has() is false)
+#include "sab_cpu.h"
+namespace sab_cpu {
+const IsaOps* isa_avx512() { return nullptr; }
+}  // namespace sab_cpu
+#endif
