@@ -342,49 +342,11 @@ def _proc_status_kib(key: str) -> int:
     return -1
 
 
-#: What :func:`install_inference_mode_workaround` works around (seen on vLLM CPU 0.32 with the
-#: native kernel at repository commit 98c7ba3; reported, not patched in the plugin).
-INFERENCE_MODE_BUG = (
-    "sab::linear prefill path (M > 16, more than one row tile) under torch.inference_mode with 2 threads: "
-    "RuntimeError: Inplace update to inference tensor outside InferenceMode is not allowed. "
-    "(kernels/csrc/sab_cpu.cpp linear(): yT is allocated in the caller's inference mode, "
-    "at::parallel_for's OpenMP worker threads do not inherit InferenceMode, and at::mm_out writes "
-    "into yT there). vLLM runs every forward under inference_mode, so its profile run fails at startup."
-)
-
-
-def install_inference_mode_workaround() -> None:
-    """Run the native CPU kernel's prefill path with inference mode off (this process only).
-
-    Works around :data:`INFERENCE_MODE_BUG` without touching the plugin: for ``M`` above the
-    decode limit the kernel is called under ``torch.inference_mode(False)``, so its output
-    buffer is an ordinary tensor that the worker threads may write. The decode path
-    (``M <= 16``, what the decode tokens/s measure) is called exactly as before; the prefill
-    path computes the same thing (one thread-local mode switch per call).
-    """
-    import torch
-
-    from vllm_sab.kernels import cpu as kcpu
-
-    original = kcpu.cpu_linear
-
-    def cpu_linear(x, tensors, profile, isa="", config=kcpu.DEFAULT_CONFIG):
-        if x.shape[0] > config.decode_max_m and torch.is_inference_mode_enabled():
-            with torch.inference_mode(False):
-                return original(x, tensors, profile, isa, config)
-        return original(x, tensors, profile, isa, config)
-
-    # The chooser calls `kernels.cpu.cpu_linear` through the module at every call.
-    kcpu.cpu_linear = cpu_linear
-
-
-def measure(name: str, folder: Path, out_json: Path, workaround: bool = True) -> None:
+def measure(name: str, folder: Path, out_json: Path) -> None:
     """Child process body: start vLLM on ``folder``, measure, write a JSON dict to ``out_json``."""
     import torch
 
     torch.set_num_threads(THREADS)  # before vLLM's CPU worker disables set_num_threads
-    if workaround and name != "bf16":
-        install_inference_mode_workaround()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -488,7 +450,6 @@ def measure(name: str, folder: Path, out_json: Path, workaround: bool = True) ->
         "torch_threads": torch.get_num_threads(),
         "sab_kernels_loaded": kernels,
         "tokenizer_vocab": vocab,
-        "inference_mode_workaround": bool(workaround and name != "bf16"),
     }
     if name != "bf16":
         from vllm_sab.kernels import chooser
@@ -497,13 +458,11 @@ def measure(name: str, folder: Path, out_json: Path, workaround: bool = True) ->
     out_json.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def run_child(name: str, folder: Path, scratch: Path, workaround: bool = True) -> dict[str, Any]:
+def run_child(name: str, folder: Path, scratch: Path) -> dict[str, Any]:
     """Measure one checkpoint in a fresh child process; adds the child's peak RSS from getrusage."""
     out_json = scratch / f"result-{name}.json"
     out_json.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_measure", name, str(folder), str(out_json)]
-    if not workaround:
-        cmd.append("--no-inference-mode-workaround")
     t = time.time()
     subprocess.run(cmd, env=_child_env(scratch), check=True, timeout=CHILD_TIMEOUT_S, cwd=ROOT)
     result = json.loads(out_json.read_text())
@@ -737,9 +696,6 @@ def render_md(results: dict[str, Any]) -> str:
 
 #: Standing caveats of this benchmark, printed in the Markdown report.
 NOTES = (
-    "Workaround (in this script's child process only, not in the plugin): " + INFERENCE_MODE_BUG
-    + " The script calls the kernel's prefill path (M > 16) with inference mode off; the decode path is "
-    "called unchanged. `--no-inference-mode-workaround` reproduces the failure.",
     "The model's vocabulary is 32000 (lm_head and embeddings of a real 1B Llama); the tiny test tokenizer "
     "has fewer tokens, so prompts use its ids and generated ids are not detokenized.",
     "Random weights: speed only. The sab tensors are random valid packed tensors (no calibration).",
@@ -765,15 +721,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="rebuild checkpoints that exist")
     parser.add_argument("--linears", action="store_true",
                         help="time the 64 LM linear calls of one decode step outside vLLM (attribution)")
-    parser.add_argument("--no-inference-mode-workaround", dest="workaround", action="store_false",
-                        help="call the native kernel's prefill path as the plugin does (fails today; see "
-                             "INFERENCE_MODE_BUG)")
     parser.add_argument("--_measure", nargs=3, metavar=("NAME", "DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args._measure:
         name, folder, out = args._measure
-        measure(name, Path(folder), Path(out), args.workaround)
+        measure(name, Path(folder), Path(out))
         return 0
 
     path = RESULTS / "serving_cpu.json"
@@ -793,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(path.read_text()) if path.is_file() else {}
     results.setdefault("checkpoints", {})
     for n in names:
-        r = {**checkpoint_facts(n, dirs[n]), **run_child(n, dirs[n], args.scratch, args.workaround)}
+        r = {**checkpoint_facts(n, dirs[n]), **run_child(n, dirs[n], args.scratch)}
         r["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         results["checkpoints"][n] = r
         results["machine"] = machine_facts()
