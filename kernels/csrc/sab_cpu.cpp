@@ -113,7 +113,8 @@ LayerView make_view(const torch::Tensor& packed, const c10::optional<torch::Tens
   return L;
 }
 
-// x [M, K] -> its columns in stored order (idx[j] = B * (j / B) + perm[j]).
+// x [M, K] -> its columns in stored order (idx[j] = B * (j / B) + perm[j]); the prefill
+// path's (its cost is amortized over M > decode_max_m rows).
 torch::Tensor to_stored_order(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm,
                               int64_t block) {
   if (!perm.has_value()) return x;
@@ -147,7 +148,23 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
     // Decode: float32 activations in stored order, padded to the kernel's register tile.
     const int64_t mt = sab_cpu::decode_tile(m);
     auto xs = torch::zeros({mt, k}, torch::kFloat);
-    xs.narrow(0, 0, m).copy_(to_stored_order(x, perm, block));
+    if (perm.has_value()) {
+      // One gather-and-convert pass on the decode path (M <= 16 rows), instead of building
+      // an index tensor and running index_select + copy on every call.
+      const auto xc = x.contiguous();
+      const int16_t* pp = perm->data_ptr<int16_t>();
+      float* out = xs.data_ptr<float>();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "sab_gather", [&] {
+        const scalar_t* in = xc.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < k; ++j) {
+            out[i * k + j] = static_cast<float>(in[i * k + (j / block) * block + pp[j]]);
+          }
+        }
+      });
+    } else {
+      xs.narrow(0, 0, m).copy_(x);
+    }
     std::vector<float> xsum;
     if (sab_cpu::is_sign_profile(L)) {
       xsum.resize(static_cast<size_t>(mt * (k / block) * ops->lanes));
