@@ -49,9 +49,8 @@ struct V {
   using S = M;  // sign planes as lane masks (see isa_avx512.cpp)
   static S sign_bits(uint32_t bits) { return mask(bits); }
   static S sign_at(const uint8_t* row, int64_t j) { return mask_at(row, j); }
-  static F apply_sign(S s, F a) { return neg_where_clear(s, a); }
   static F blend(M m, F a, F b) { return _mm256_blendv_ps(a, b, m); }
-  static F neg_where_clear(M s, F a) {
+  static F apply_sign(S s, F a) {  // s ? a : -a
     return _mm256_xor_ps(a, _mm256_andnot_ps(s, _mm256_set1_ps(-0.0f)));
   }
   static F add_masked(M m, F acc, F v) { return _mm256_add_ps(acc, _mm256_and_ps(m, v)); }

@@ -8,10 +8,10 @@
 //   mask_at(row, j)        mask of the L bits of bit-plane row `row` (LSB first, bytes) at
 //                          bit j (a multiple of L)
 //   blend(m, a, b)         m ? b : a
-//   neg_where_clear(s, a)  s ? a : -a          (a sign bit of 0 means -1)
 //   S, sign_at(row, j), sign_bits(bits), apply_sign(S, a): the sign plane's bits in the form
 //                          that flips a's signs cheapest (a per-lane sign mask here, a lane
-//                          mask in AVX2 and scalar); apply_sign(s, a) = neg_where_clear
+//                          mask in AVX2 and scalar); apply_sign(s, a) = bit ? a : -a
+//                          (a sign bit of 0 means -1)
 //   add_masked(m, acc, v)  acc + (m ? v : 0)
 //   h2f(h)                 float16 bits -> float
 //   load_halves(p, n, out, end)  out[i] = h2f(p[i]) for i < n; may read p[n..] below `end`
@@ -57,9 +57,6 @@ struct V {
     return _load_mask16(reinterpret_cast<__mmask16*>(const_cast<uint8_t*>(row + (j >> 3))));
   }
   static F blend(M m, F a, F b) { return _mm512_mask_blend_ps(m, a, b); }
-  static F neg_where_clear(M s, F a) {
-    return _mm512_mask_sub_ps(a, _knot_mask16(s), _mm512_setzero_ps(), a);
-  }
   static F add_masked(M m, F acc, F v) { return _mm512_mask_add_ps(acc, m, acc, v); }
   // Sign planes stay in vector registers: lane i's bit is shifted up to bit 31 and XOR-ed
   // into the weight's sign (one ternary-logic op). Through mask registers it took a kmov and a

@@ -33,9 +33,8 @@ struct V {
   using S = M;  // sign planes as lane masks (see isa_avx512.cpp)
   static S sign_bits(uint32_t bits) { return mask(bits); }
   static S sign_at(const uint8_t* row, int64_t j) { return mask_at(row, j); }
-  static F apply_sign(S s, F a) { return neg_where_clear(s, a); }
   static F blend(M m, F a, F b) { return m ? b : a; }
-  static F neg_where_clear(M s, F a) { return s ? a : -a; }
+  static F apply_sign(S s, F a) { return s ? a : -a; }
   static F add_masked(M m, F acc, F v) { return m ? acc + v : acc; }
   static float h2f(uint16_t h) {
     // IEEE binary16 -> binary32, subnormals included.
