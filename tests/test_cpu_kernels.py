@@ -227,3 +227,18 @@ def test_prefill_under_inference_mode(dtype):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(y, cpu.cpu_linear(x, t, p, config=cfg))
+
+
+@pytest.mark.parametrize(("has", "want"), [(("avx2", "scalar"), "cpu-avx2"), (("scalar",), "cpu-scalar")])
+def test_chooser_on_a_cpu_without_avx512(monkeypatch, layers, has, want):
+    """On a CPU without AVX-512 (or without AVX2) the chooser picks the best backend it has, and
+    that backend serves the layer correctly (it runs here too: this CPU has every backend)."""
+    monkeypatch.delenv(chooser.FORCE_ENV, raising=False)
+    monkeypatch.setattr(cpu, "available_isas", lambda: has)
+    n, k, p, t, w_ref = layers[7]
+    kernel = chooser.choose("cpu", torch.bfloat16, p)
+    assert kernel.name == want
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(2))
+    y_ref = x.double() @ w_ref.t()
+    err = (kernel.run(x, t, p).double() - y_ref).abs()
+    assert bool((err <= _bound(x, w_ref, y_ref, torch.float32, 0.0)).all())
