@@ -225,6 +225,22 @@ def test_break_point_search_is_grid_minimum(weighted):
     assert torch.equal(grp.concentrated | grp.sparse, sal) and not (grp.concentrated & grp.sparse).any()
 
 
+@pytest.mark.parametrize("n,b,seed", [(16, 64, 3), (40, 32, 4), (7, 128, 5)])
+def test_order1_break_point_closed_form_equals_brute_force(n, b, seed):
+    """The closed-form order-1 errors (no base, no S, t >= 0) against quantizing every candidate."""
+    t = _saliency(n, b, seed)
+    sal = select_salient_columns(t, 3).expand(n, b)
+    res = break_point_search(t, ~sal, 1)
+    brute = []
+    for p in res.candidates:
+        conc = ~sal & (t.abs() < p)
+        sparse = ~sal & (t.abs() >= p)
+        r = t - residual_binarize(t, conc, 1).dense(conc) - residual_binarize(t, sparse, 1).dense(sparse)
+        brute.append(float((r.double() ** 2).sum()))
+    torch.testing.assert_close(res.errors.double(), torch.tensor(brute, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    assert float(res.threshold) == float(res.candidates[int(torch.argmin(res.errors))])
+
+
 def test_salient_count_search_is_brute_force_minimum():
     n, b, nb = 12, 64, 3
     t = torch.cat([_saliency(n, b, 20 + i) for i in range(nb)], dim=1)
