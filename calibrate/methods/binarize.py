@@ -177,6 +177,32 @@ def residual_binarize(x: torch.Tensor, mask: torch.Tensor, order: int) -> ZoneFi
     Raises:
         ValueError: ``order < 1``.
     """
+    signs, scales, mean, _ = _residual_rounds(x, mask, order)
+    return ZoneFit(signs=torch.stack(signs), row_scales=torch.stack(scales), mean=mean)
+
+
+def residual_sse(x: torch.Tensor, mask: torch.Tensor, order: int) -> torch.Tensor:
+    """Squared error ``sum_rows ||x - residual_binarize(x, mask, order).dense(mask)||^2`` over the mask.
+
+    The residual left after the last round, summed, without building the
+    approximation: what BiLLM's salient-count search scores.
+
+    Args:
+        x, mask, order: as :func:`residual_binarize`.
+
+    Returns:
+        float32, shape of the broadcast of ``x`` and ``mask`` without its last dim.
+
+    Raises:
+        ValueError: ``order < 1``.
+    """
+    r = _residual_rounds(x, mask, order)[3]
+    return (r * r).sum(-1)
+
+
+def _residual_rounds(x: torch.Tensor, mask: torch.Tensor, order: int):
+    """The rounds of :func:`residual_binarize`: ``(signs, scales, mean, r)``, ``r`` the
+    final residual (zero outside the mask)."""
     if order < 1:
         raise ValueError(f"residual_binarize: order must be >= 1, got {order}")
     shape = torch.broadcast_shapes(x.shape, mask.shape)
@@ -194,7 +220,7 @@ def residual_binarize(x: torch.Tensor, mask: torch.Tensor, order: int) -> ZoneFi
         signs.append(b)
         scales.append(alpha)
         mean = mean + mu
-    return ZoneFit(signs=torch.stack(signs), row_scales=torch.stack(scales), mean=mean)
+    return signs, scales, mean, r
 
 
 # ---------------------------------------------------------------------------------------
