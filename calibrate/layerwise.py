@@ -223,13 +223,34 @@ class StatsAccumulator:
         """
         x = x.float()
         vm = visual_mask.to(x.device)
-        xp, xt, xv = x[pool.to(x.device)], x[~vm], x[vm]
-        self.h += xp.T @ xp
-        self.h_text += xt.T @ xt
-        self.h_vis += xv.T @ xv
-        self.n += xp.shape[0]
+        pool = pool.to(x.device)
+        n_vis = int(vm.sum())
+        xt = x[~vm] if n_vis else x
+        # The Gram matrices are most of the statistics' cost (2 L K^2 flops each), so the
+        # pool's is built from the modality Grams it shares instead of being recomputed:
+        # pool = text tokens + some (or all, or no) visual tokens, the three pools there are.
+        g_text = xt.T @ xt
+        g_vis = None
+        if n_vis:
+            xv = x[vm]
+            g_vis = xv.T @ xv
+            self.h_vis += g_vis
+        self.h_text += g_text
+        pool_vis = int((pool & vm).sum())
+        pool_text = int(pool.sum()) - pool_vis
+        if pool_text == xt.shape[0]:
+            self.h += g_text
+            if pool_vis == n_vis and g_vis is not None:
+                self.h += g_vis
+            elif pool_vis:
+                xs = x[pool & vm]
+                self.h.addmm_(xs.T, xs)
+        else:  # a pool that drops text tokens: its own Gram
+            xp = x[pool]
+            self.h.addmm_(xp.T, xp)
+        self.n += pool_text + pool_vis
         self.n_text += xt.shape[0]
-        self.n_vis += xv.shape[0]
+        self.n_vis += n_vis
         energy = (x * x).mean(0)
         self.e_sum += energy
         self.e_sq += energy * energy

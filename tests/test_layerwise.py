@@ -92,6 +92,36 @@ def test_collect_stats_hessians_equal_brute_force(loaded):
     torch.testing.assert_close(text_only.hessian.double(), 2 * text_x.T @ text_x / len(text_x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("pool_kind", ["all", "text", "some-visual", "drops-text", "no-visual-tokens"])
+def test_stats_accumulator_pool_hessian_equals_its_own_gram(pool_kind):
+    """The compensation Hessian, built from the modality Grams, equals the pool's Gram by hand."""
+    from vllm_sab.calibrate.layerwise import StatsAccumulator
+
+    gen = torch.Generator().manual_seed(7)
+    acc = StatsAccumulator(12, torch.device("cpu"))
+    want = torch.zeros(12, 12, dtype=torch.float64)
+    n_pool = 0
+    for i in range(3):
+        x = torch.randn(20 + i, 12, generator=gen)
+        vm = torch.zeros(len(x), dtype=torch.bool)
+        if pool_kind != "no-visual-tokens":
+            vm[3:11] = True
+        pool = {
+            "all": torch.ones_like(vm),
+            "text": ~vm,
+            "some-visual": ~vm | (vm & (torch.arange(len(x)) % 3 == 0)),
+            "drops-text": vm | (torch.arange(len(x)) > 15),
+            "no-visual-tokens": torch.ones_like(vm),
+        }[pool_kind]
+        acc.add(x, vm, pool)
+        xp = x[pool].double()
+        want += xp.T @ xp
+        n_pool += len(xp)
+    stats = acc.finish()
+    assert stats.n_tokens == n_pool
+    torch.testing.assert_close(stats.hessian.double(), 2 * want / n_pool, rtol=1e-5, atol=1e-6)
+
+
 def test_atv_selection_matches_brute_force():
     """All text tokens plus the round(min(1, alpha * mean drift) * n_text) visual tokens of largest drift."""
     gen = torch.Generator().manual_seed(0)
