@@ -108,6 +108,8 @@ CASES = [
     (64, 512, P(block_size=256, salient=13, col_scale=True)),
     (50, 320, P(block_size=160, zone_bits=2, salient=20, salient_zoned=True, col_scale=True, offset=True)),
     (16, 224, P(block_size=224, zone_bits=1, salient=1, salient_zoned=True)),
+    # uniform3: zone bit as the code's top bit, two planes on every column, a zone offset
+    (40, 192, P(block_size=64, zone_bits=1, salient=64, salient_zoned=True, offset=True)),
 ]
 CASE_IDS = [f"{p.key}-N{n}-K{k}" for n, k, p in CASES]
 

@@ -17,6 +17,7 @@ from .prune import ATVPruneMethod, ATVPruneSABMethod
 from .sab import SABMethod
 from .sign import SignMethod
 from .uniform2 import Uniform2Method
+from .uniform3 import Uniform3Method
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (
@@ -26,6 +27,7 @@ METHODS: dict[str, type[Method]] = {
         ARBRCMethod,
         SABMethod,
         Uniform2Method,
+        Uniform3Method,
         BiVLMMethod,
         ATVPruneMethod,
         ATVPruneSABMethod,
@@ -63,5 +65,6 @@ __all__ = [
     "SABMethod",
     "SignMethod",
     "Uniform2Method",
+    "Uniform3Method",
     "get_method",
 ]

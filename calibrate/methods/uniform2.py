@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from vllm_sab.format import BinaryComponents, LayerProfile, tensor_specs
@@ -9,7 +11,7 @@ from vllm_sab.format import BinaryComponents, LayerProfile, tensor_specs
 from .base import CalibrationStats, Method
 from .hessian import damped_inverse_cholesky_upper, prepare_hessian
 
-__all__ = ["Uniform2Method", "uniform2_profile", "gptq_uniform2"]
+__all__ = ["Uniform2Method", "uniform2_profile", "gptq_uniform2", "gptq_columns"]
 
 
 def uniform2_profile(block_size: int = 128) -> LayerProfile:
@@ -68,6 +70,52 @@ def _codes(w: torch.Tensor, a0: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return q.to(torch.int64)
 
 
+def gptq_columns(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    block_size: int,
+    start_group: Callable[[int, torch.Tensor], Any],
+    quantize_column: Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop (arXiv 2210.17323, Algorithm 1, Cholesky form, lazy blocks, no act-order).
+
+    The quantization group is the lazy block of ``block_size`` columns; its grid is built by
+    ``start_group`` from the already compensated weights when the group starts.
+
+    Args:
+        w: float32 ``[N, K]``, modified in place (it receives the propagated errors).
+        u: float32 ``[K, K]`` upper Cholesky factor of ``(H + lambda I)^-1``.
+        block_size: columns per group / lazy block; ``K % block_size == 0``.
+        start_group: ``(block index, w[:, group] float32 [N, B]) -> grid``; may raise.
+        quantize_column: ``(column float32 [N], grid) -> (codes int64 [N], values float32 [N])``;
+            ``values`` must equal what the format dequantizes the stored codes to.
+
+    Returns:
+        ``(codes, Q)``: int64 ``[N, K]`` and float32 ``[N, K]``.
+    """
+    n, k = w.shape
+    codes = torch.empty(n, k, dtype=torch.int64, device=w.device)
+    q_all = torch.empty(n, k, dtype=torch.float32, device=w.device)
+    for blk in range(k // block_size):
+        i1, i2 = blk * block_size, (blk + 1) * block_size
+        w1 = w[:, i1:i2].clone()  # already holds the propagated error of earlier blocks
+        u1 = u[i1:i2, i1:i2]
+        err1 = torch.empty_like(w1)
+        grid = start_group(blk, w1)
+        for i in range(block_size):
+            col = w1[:, i]
+            q, qv = quantize_column(col, grid)
+            codes[:, i1 + i] = q
+            q_all[:, i1 + i] = qv
+            e = (col - qv) / u1[i, i]
+            err1[:, i] = e
+            # W[:, j+1:] -= (w_j - q_j) / U_jj * U[j, j+1:]  (Algorithm 1, Cholesky form)
+            w1[:, i + 1 :] -= e.unsqueeze(1) * u1[i, i + 1 :].unsqueeze(0)
+        # Lazy batch update of the later columns (Algorithm 1, last line of the outer loop).
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return codes, q_all
+
+
 def gptq_uniform2(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -116,17 +164,10 @@ def gptq_uniform2(
     if info is not None:
         info["percdamp"] = used
 
-    codes = torch.empty(n, k, dtype=torch.int64, device=w.device)
-    q_all = torch.empty(n, k, dtype=torch.float32, device=w.device)
     scale = torch.empty(n, nb, 2, dtype=torch.float16, device=w.device)
     offset = torch.empty(n, nb, 1, dtype=torch.float16, device=w.device)
 
-    for blk in range(nb):
-        i1, i2 = blk * b, (blk + 1) * b
-        w1 = w[:, i1:i2].clone()  # already holds the propagated error of earlier blocks
-        u1 = u[i1:i2, i1:i2]
-        err1 = torch.empty_like(w1)
-        # Group = lazy block: the grid comes from the compensated weights as the group starts.
+    def start_group(blk: int, w1: torch.Tensor):
         a0, a1, mu = _group_grid(w1)
         if not (bool(torch.isfinite(a0).all()) and bool(torch.isfinite(mu).all())):
             raise ValueError(
@@ -134,19 +175,14 @@ def gptq_uniform2(
                 "(the 2-bit step or offset would be Inf)"
             )
         scale[:, blk, 0], scale[:, blk, 1], offset[:, blk, 0] = a0, a1, mu
-        for i in range(b):
-            col = w1[:, i]
-            q = _codes(col, a0, mu)
-            qv = _levels_of(q, a0, a1, mu)
-            codes[:, i1 + i] = q
-            q_all[:, i1 + i] = qv
-            e = (col - qv) / u1[i, i]
-            err1[:, i] = e
-            # W[:, j+1:] -= (w_j - q_j) / U_jj * U[j, j+1:]  (Algorithm 1, Cholesky form)
-            w1[:, i + 1 :] -= e.unsqueeze(1) * u1[i, i + 1 :].unsqueeze(0)
-        # Lazy batch update of the later columns (Algorithm 1, last line of the outer loop).
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        return a0, a1, mu
 
+    def quantize_column(col: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        a0, a1, mu = grid
+        q = _codes(col, a0, mu)
+        return q, _levels_of(q, a0, a1, mu)
+
+    codes, q_all = gptq_columns(w, u, b, start_group, quantize_column)
     signs = torch.where(codes >= 2, 1, -1).to(torch.int8)
     residual = torch.where((codes & 1) == 1, 1, -1).to(torch.int8).view(n, nb, b)
     comps = BinaryComponents(profile=profile, signs=signs, scale=scale, residual=residual, offset=offset)
