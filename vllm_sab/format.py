@@ -274,10 +274,24 @@ def true_bits_per_weight(profile: LayerProfile, n: int, k: int) -> float:
     Raises:
         FormatError: as :func:`tensor_specs`.
     """
-    total = 0
-    for spec in tensor_specs(profile, n, k).values():
-        total += math.prod(spec.shape) * torch.tensor([], dtype=spec.dtype).element_size() * 8
-    return total / (n * k)
+    return sum(bits_by_tensor(profile, n, k).values())
+
+
+def bits_by_tensor(profile: LayerProfile, n: int, k: int) -> dict[str, float]:
+    """Where a layer's bits go: ``{suffix: stored bits of that tensor / (n * k)}``.
+
+    The values sum to :func:`true_bits_per_weight`; suffixes in :func:`tensor_specs`
+    order (``weight_packed`` = sign plane 0, ``weight_zone`` = zone planes,
+    ``weight_residual`` = plane 1 with padding, ``weight_perm``, ``weight_scale`` = row
+    scales, ``weight_col_scale``, ``weight_offset``).
+
+    Raises:
+        FormatError: as :func:`tensor_specs`.
+    """
+    return {
+        suffix: math.prod(spec.shape) * torch.tensor([], dtype=spec.dtype).element_size() * 8 / (n * k)
+        for suffix, spec in tensor_specs(profile, n, k).items()
+    }
 
 
 def paper_weight_bits(profile: LayerProfile) -> float:
