@@ -1,4 +1,4 @@
-"""Tests of ``vllm_sab/format.py`` against ``docs/format.md`` (format v1).
+"""Tests of ``vllm_sab/format/`` (the ``vllm_sab.format`` package) against ``docs/format.md`` (format v1).
 
 The reference functions below (``ref_*``) are written from the document only, element by
 element with plain Python loops: bit extraction (section 3.2), zones and slots (3.3), the
@@ -225,7 +225,7 @@ PROFILE_IDS = [p.key for p in PROFILES]
 
 
 # ---------------------------------------------------------------------------------------
-# 1. Reference implementation vs format.py
+# 1. Reference implementation vs vllm_sab.format
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", PROFILES, ids=PROFILE_IDS)
 @pytest.mark.parametrize("seed", [0, 1])
