@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoProcessor
 
-    from vllm_sab import shapesqa
-    from vllm_sab.calibrate.evaluate import compare_distributions, evaluate, load_transformers
+    from vllm_sab.demo import shapesqa
+    from vllm_sab.demo.evaluate import compare_distributions, evaluate, load_transformers
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(rows: list[dict], meta: dict) -> str:
-    from vllm_sab import shapesqa
+    from vllm_sab.demo import shapesqa
 
     types = list(shapesqa.QUESTION_TYPES)
     head = ("| method | true bits/weight | papers' bits | KL (nats) | top-1 agree | accuracy | "

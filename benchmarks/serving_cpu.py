@@ -50,6 +50,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_SCRATCH = ROOT / ".scratch" / "serving_cpu"
+# The model builders are development fixtures kept with the tests (tests/tiny_models.py), not installed.
+TESTS = ROOT / "tests"
 
 #: Language-model shapes (~1.0B parameters in the decoder linears, 1.14B with embeddings).
 TEXT = dict(
@@ -97,8 +99,8 @@ def profiles() -> dict[str, Any]:
 def build_dense(out: Path, seed: int = 0) -> Path:
     """Write the random-weight bf16 LLaVA-1.5 (1B Llama, small CLIP) to ``out``.
 
-    Uses :func:`vllm_sab.testing.llava_parts` for the config and processor and
-    :func:`vllm_sab.testing.save_vlm` for the file layout vLLM loads. The model is created on
+    Uses ``llava_parts`` (``tests/tiny_models.py``) for the config and processor and
+    ``save_vlm`` for the file layout vLLM loads. The model is created on
     the meta device and materialized directly in bf16, so building never holds an fp32 copy.
 
     Returns:
@@ -106,7 +108,8 @@ def build_dense(out: Path, seed: int = 0) -> Path:
     """
     import torch
 
-    from vllm_sab.testing import build_tiny_tokenizer, llava_parts, save_vlm
+    sys.path.insert(0, str(TESTS))
+    from tiny_models import build_tiny_tokenizer, llava_parts, save_vlm
 
     tokenizer = build_tiny_tokenizer("llava")
     model_cls, config, processor = llava_parts(
@@ -350,7 +353,8 @@ def measure(name: str, folder: Path, out_json: Path) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sab.testing import tiny_image
+    sys.path.insert(0, str(TESTS))
+    from tiny_models import tiny_image
 
     t0 = time.perf_counter()
     llm = LLM(

@@ -37,7 +37,7 @@ def _prefill_seconds(llm, processor, samples, repeats: int) -> tuple[float, int]
     """Median wall seconds to prefill every prompt of ``samples`` (one output token each), and prompt tokens."""
     from vllm import SamplingParams
 
-    from vllm_sab.calibrate.evaluate import chat_prompt
+    from vllm_sab.demo.evaluate import chat_prompt
 
     requests = [{"prompt": chat_prompt(processor, s), "multi_modal_data": {"image": s.image}} for s in samples]
     params = SamplingParams(temperature=0.0, max_tokens=1)
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoProcessor
 
-    from vllm_sab import shapesqa
-    from vllm_sab.calibrate.evaluate import (
+    from vllm_sab.demo import shapesqa
+    from vllm_sab.demo.evaluate import (
         _shutdown, load_transformers, make_llm, transformers_answers, vllm_answers,
     )
     from vllm_sab.token_pruning import n_visual_tokens, num_kept, prune_transformers_llava, vllm_hf_overrides
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(rows: list[dict], meta: dict) -> str:
-    from vllm_sab import shapesqa
+    from vllm_sab.demo import shapesqa
 
     types = list(shapesqa.VISUAL_TYPES)
     head = ("| model | score | keep | image tokens | accuracy | " + " | ".join(types)
@@ -162,7 +162,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vllm_sab import shapesqa
+    from vllm_sab.demo import shapesqa
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     curves = sorted({(r["model"], r["score"]) for r in rows if r["keep_ratio"] < 1.0})

@@ -447,7 +447,7 @@ def builtin_samples(n: int, seed: int = 0) -> CalibrationData:
     """``n`` ShapesQA training-split questions with their answers (offline default data).
 
     The questions are drawn without replacement, by ``seed``, from the first
-    million of the training split (:data:`vllm_sab.shapesqa.TRAIN_SEED`); question
+    million of the training split (:data:`vllm_sab.demo.shapesqa.TRAIN_SEED`); question
     types are drawn uniformly, so about two thirds have a 64x64 image and one third
     are text-only (arithmetic, comparisons, sequences).
 
@@ -457,14 +457,14 @@ def builtin_samples(n: int, seed: int = 0) -> CalibrationData:
 
     Returns:
         :class:`CalibrationData`: user turn as the model is asked at inference
-        (:func:`vllm_sab.shapesqa.chat_content`: the question, then the image part
+        (:func:`vllm_sab.demo.shapesqa.chat_content`: the question, then the image part
         when there is an image) and the answer as assistant turn; sources
         ``"shapesqa:train:INDEX"``.
 
     Raises:
         ValueError: ``n < 1``.
     """
-    from vllm_sab import shapesqa
+    from vllm_sab.demo import shapesqa
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

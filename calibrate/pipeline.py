@@ -1,10 +1,19 @@
 """The calibration pipeline: load a VLM, binarize its linears layer by layer, write the checkpoint.
 
-Flow: :func:`calibrate` resolves the architecture adapter and the method, loads
-the model on CPU, then walks the language model's decoder layers in order
-(each moved to the compute device only while it is processed), quantizes each
-fused group of linears with the method, packs the result into format v1
-tensors and finally writes the checkpoint atomically with a per-layer report.
+:func:`calibrate` runs these stages in order, each a function below:
+
+1. :func:`_resolve`: argument checks, architecture adapter, method, token pool, device;
+2. :func:`_load_samples`: the encoded calibration data (methods that need statistics);
+3. :func:`_open_partial`: the resume state ``<output>.partial``;
+4. :func:`_load_model`: the model on CPU;
+5. :func:`_find_linears`: the fused groups of linears of every decoder layer (and of the
+   vision tower / projector with ``quantize_vision``);
+6. :func:`_quantize_vision`: the vision groups first, so the decoder sees quantized visual tokens;
+7. :func:`_quantize_decoder`: the layer loop (each layer on the compute device only while it is
+   processed): capture, per-layer statistics, each fused group quantized with the method
+   (:func:`_quantize_group`: packed into format v1 tensors, ``W_hat`` written back), the layer run
+   to give the next one's inputs;
+8. :func:`_write`: the checkpoint written atomically with its per-layer report.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import hashlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +34,7 @@ from vllm_sab import __version__
 from vllm_sab import format as fmt
 
 from .layerwise import TOKEN_POOLS, StatsAccumulator, capture_layer_inputs, collect_stats, run_layer
-from .methods import get_method
+from .methods import Method, get_method
 from .methods.hessian import HessianError
 from .models import adapter_for, fused_groups
 from .resume import Partial
@@ -109,47 +119,180 @@ def calibrate(
         HessianError: a layer's Hessian cannot be inverted (the layer is named).
         FloatingPointError: NaN/Inf activations or weights (the layer is named).
     """
+    request = _Request(
+        model=model, output=output, method=method, block_size=block_size, quantize_vision=quantize_vision,
+        device=device, dtype=dtype, overwrite=overwrite, progress=progress, data=data,
+        num_samples=num_samples, max_seq_len=max_seq_len, seed=seed, skip_bad_samples=skip_bad_samples,
+        image_root=image_root, split=split, image_column=image_column, text_column=text_column,
+        token_pool=token_pool, atv_alpha=atv_alpha, method_options=method_options, resume=resume,
+    )
     t0 = time.time()
-    check_output(output, overwrite)
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
-    if token_pool is not None and token_pool not in TOKEN_POOLS:
-        raise ValueError(f"unknown token pool {token_pool!r}; choose one of {', '.join(TOKEN_POOLS)}")
-    adapter = adapter_for(model)
-    quantizer = get_method(method, block_size=block_size, **(method_options or {}))
-    token_pool = token_pool or quantizer.default_token_pool
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    samples = None
-    if quantizer.needs_stats:
-        if data is None:
-            from .data import NO_DATA_MESSAGE, CalibrationDataError
+    run = _resolve(request)
+    samples = _load_samples(request, run)
+    partial = _open_partial(request, run, samples)
+    hf = _load_model(request, run)
+    linears = _find_linears(request, run, hf)
+    results = _Results(run.adapter)
+    if run.quantizer.needs_stats:
+        results.calibration = {"data": str(data), "samples": len(samples), "token_pool": run.token_pool}
+    # Vision tower and projector first: the decoder layers then see quantized visual tokens.
+    _quantize_vision(request, run, hf, linears.vision_groups, samples, results)
+    _quantize_decoder(request, run, hf, linears, samples, partial, results)
+    return _write(request, run, hf, results, partial, t0)
 
-            raise CalibrationDataError(f"method {method!r} calibrates on data; {NO_DATA_MESSAGE}")
-        if str(data) == "builtin":
-            logger.warning(
-                "calibrating on the built-in synthetic ShapesQA samples (64-pixel shapes, short questions): "
-                "right for models/shapes-llava and tests, not representative data for another model"
-            )
-        samples = _encoded_samples(model, data, num_samples, max_seq_len, seed, skip_bad_samples, image_root,
-                                   dict(split=split, image_column=image_column, text_column=text_column))
+
+# ---------------------------------------------------------------------------------------
+# The stages of calibrate(), in the order it runs them. As in GPTQ's llama_sequential and
+# llm-compressor's sequential pipeline: capture the first decoder layer's inputs once, then
+# per layer collect its input statistics, quantize its linears, and run the quantized layer
+# to get the next layer's inputs. The state they pass is explicit: the request (the
+# arguments), the resolved run (_Run), the model, the linears found (_Linears), the
+# calibration samples, the resume state (Partial) and what was produced (_Results).
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Request:
+    """The arguments of :func:`calibrate`, unchanged (see its docstring)."""
+
+    model: str | Path
+    output: str | Path
+    method: str
+    block_size: int
+    quantize_vision: bool
+    device: str | torch.device | None
+    dtype: str
+    overwrite: bool
+    progress: bool
+    data: str | None
+    num_samples: int
+    max_seq_len: int
+    seed: int
+    skip_bad_samples: bool
+    image_root: str | Path | None
+    split: str
+    image_column: str | None
+    text_column: str | None
+    token_pool: str | None
+    atv_alpha: float
+    method_options: dict[str, Any] | None
+    resume: bool
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the argument checks resolve before any data or weight is read.
+
+    Attributes:
+        adapter: the architecture adapter of the model (:func:`~.models.adapter_for`).
+        quantizer: the method instance, its options checked.
+        token_pool: the compensation token pool (the request's, or the method's default).
+        device: the compute device of the per-layer work.
+    """
+
+    adapter: Any
+    quantizer: Method
+    token_pool: str
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class _Linears:
+    """The linears to quantize, found (and K checked) before any is touched.
+
+    Attributes:
+        layers: ``[(in-memory name, decoder layer)]`` in order.
+        layer_groups: per decoder layer, its fused groups ``[[(name, nn.Linear)]]``.
+        vision_groups: fused groups of the vision tower / projector (empty unless
+            ``quantize_vision``).
+    """
+
+    layers: list[tuple[str, nn.Module]]
+    layer_groups: list[list[list[tuple[str, nn.Linear]]]]
+    vision_groups: list[list[tuple[str, nn.Linear]]]
+
+
+def _resolve(req: _Request) -> _Run:
+    """Check the arguments that need no model or data; resolve adapter, method, pool and device.
+
+    Raises:
+        OutputExistsError, ValueError, UnsupportedArchitectureError: see :func:`calibrate`.
+    """
+    check_output(req.output, req.overwrite)
+    if req.dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {req.dtype!r}; choose one of {sorted(_DTYPES)}")
+    if req.token_pool is not None and req.token_pool not in TOKEN_POOLS:
+        raise ValueError(f"unknown token pool {req.token_pool!r}; choose one of {', '.join(TOKEN_POOLS)}")
+    adapter = adapter_for(req.model)
+    quantizer = get_method(req.method, block_size=req.block_size, **(req.method_options or {}))
+    token_pool = req.token_pool or quantizer.default_token_pool
+    device = torch.device(req.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return _Run(adapter, quantizer, token_pool, device)
+
+
+def _load_samples(req: _Request, run: _Run) -> list | None:
+    """The encoded calibration samples, or None for a data-free method.
+
+    Raises:
+        CalibrationDataError: no ``data`` for a method that needs it; bad data.
+    """
+    if not run.quantizer.needs_stats:
+        return None
+    if req.data is None:
+        from .data import NO_DATA_MESSAGE, CalibrationDataError
+
+        raise CalibrationDataError(f"method {req.method!r} calibrates on data; {NO_DATA_MESSAGE}")
+    if str(req.data) == "builtin":
+        logger.warning(
+            "calibrating on the built-in synthetic ShapesQA samples (64-pixel shapes, short questions): "
+            "right for models/shapes-llava and tests, not representative data for another model"
+        )
+    return _encoded_samples(req.model, req.data, req.num_samples, req.max_seq_len, req.seed,
+                            req.skip_bad_samples, req.image_root,
+                            dict(split=req.split, image_column=req.image_column, text_column=req.text_column))
+
+
+def _open_partial(req: _Request, run: _Run, samples: list | None) -> Partial:
+    """The resume state ``<output>.partial`` keyed by every setting that changes the result.
+
+    Raises:
+        ResumeError: ``resume`` with settings that differ from the interrupted run's.
+    """
     settings = {
-        "model": str(model), "method": method, "block_size": block_size, "quantize_vision": quantize_vision,
-        "dtype": dtype, "data": data, "num_samples": num_samples, "max_seq_len": max_seq_len, "seed": seed,
-        "skip_bad_samples": skip_bad_samples, "image_root": None if image_root is None else str(image_root),
-        "split": split, "image_column": image_column, "text_column": text_column,
-        "token_pool": token_pool, "atv_alpha": atv_alpha, "method_options": method_options or {},
+        "model": str(req.model), "method": req.method, "block_size": req.block_size,
+        "quantize_vision": req.quantize_vision, "dtype": req.dtype, "data": req.data,
+        "num_samples": req.num_samples, "max_seq_len": req.max_seq_len, "seed": req.seed,
+        "skip_bad_samples": req.skip_bad_samples,
+        "image_root": None if req.image_root is None else str(req.image_root),
+        "split": req.split, "image_column": req.image_column, "text_column": req.text_column,
+        "token_pool": run.token_pool, "atv_alpha": req.atv_alpha, "method_options": req.method_options or {},
         "vllm_sab_version": __version__,
         # What the model is calibrated on, as encoded: another file with the same name, edited
         # samples or images, or another processor all change it.
         "data_fingerprint": None if samples is None else data_fingerprint(samples),
     }
-    partial = Partial(Path(str(Path(output).resolve()) + ".partial"), settings, resume)
+    return Partial(Path(str(Path(req.output).resolve()) + ".partial"), settings, req.resume)
 
-    hf = adapter.load(model, _DTYPES[dtype]).eval()
+
+def _load_model(req: _Request, run: _Run) -> nn.Module:
+    """The Hugging Face model on CPU, in eval mode.
+
+    Raises:
+        ValueError: the model is already quantized.
+    """
+    hf = run.adapter.load(req.model, _DTYPES[req.dtype]).eval()
     if getattr(hf.config, "quantization_config", None):
-        raise ValueError(f"{model}: already quantized (config.json has a quantization_config)")
+        raise ValueError(f"{req.model}: already quantized (config.json has a quantization_config)")
+    return hf
 
-    layers = adapter.layers(hf)
+
+def _find_linears(req: _Request, run: _Run, hf: nn.Module) -> _Linears:
+    """Every decoder layer's fused groups of linears, and the vision ones if asked for.
+
+    Raises:
+        FormatError: a decoder linear's K is not a multiple of the block size (vision
+            linears are kept dense instead, with a warning).
+    """
+    block_size = req.block_size
+    layers = run.adapter.layers(hf)
     layer_groups: list[list[list[tuple[str, nn.Linear]]]] = []
     for layer_name, layer in layers:
         linears = {f"{layer_name}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
@@ -161,32 +304,45 @@ def calibrate(
                 )
         layer_groups.append([[(n, linears[n]) for n in g] for g in fused_groups(linears)])
     vision_groups: list[list[tuple[str, nn.Linear]]] = []
-    if quantize_vision:
+    if req.quantize_vision:
         kept = {}
-        for name, lin in adapter.vision_linears(hf).items():
+        for name, lin in run.adapter.vision_linears(hf).items():
             if lin.in_features % block_size:
                 logger.warning("%s: K=%d is not a multiple of %d; kept dense", name, lin.in_features, block_size)
             else:
                 kept[name] = lin
         vision_groups = [[(n, kept[n]) for n in g] for g in fused_groups(kept)]
+    return _Linears(layers, layer_groups, vision_groups)
 
-    results = _Results(adapter)
-    if quantizer.needs_stats:
-        results.calibration = {"data": str(data), "samples": len(samples), "token_pool": token_pool}
 
-    # Vision tower and projector first: the decoder layers then see quantized visual tokens.
-    if vision_groups:
-        stats = None
-        if quantizer.needs_stats:
-            stats = _vision_stats(hf, adapter, vision_groups, samples, device)
-        for group in tqdm(vision_groups, desc="vision", unit="group", disable=not progress):
-            _quantize_group(group, quantizer, stats[group[0][0]] if stats else None, device, results, "vision")
+def _quantize_vision(req: _Request, run: _Run, hf: nn.Module, vision_groups, samples, results: _Results) -> None:
+    """Quantize the vision tower / projector groups (statistics from full-model forwards)."""
+    if not vision_groups:
+        return
+    stats = None
+    if run.quantizer.needs_stats:
+        stats = _vision_stats(hf, run.adapter, vision_groups, samples, run.device)
+    for group in tqdm(vision_groups, desc="vision", unit="group", disable=not req.progress):
+        _quantize_group(group, run.quantizer, stats[group[0][0]] if stats else None, run.device, results, "vision")
 
+
+def _quantize_decoder(req: _Request, run: _Run, hf: nn.Module, linears: _Linears, samples, partial: Partial,
+                      results: _Results) -> None:
+    """The layer loop: each decoder layer on the device, restored from ``partial`` or quantized
+    on the statistics of its inputs (and saved to ``partial``), then run to give the next
+    layer's inputs.
+
+    Raises:
+        HessianError, FloatingPointError, ValueError: from a layer (named); finished layers
+            stay in ``partial`` for ``--resume``.
+    """
+    quantizer, device, progress = run.quantizer, run.device, req.progress
     try:
         inputs = None
         if quantizer.needs_stats:
-            inputs = _capture(hf, adapter, samples, device)
-        bar = tqdm(list(zip(layers, layer_groups)), desc=f"sab {method}", unit="layer", disable=not progress)
+            inputs = _capture(hf, run.adapter, samples, device)
+        bar = tqdm(list(zip(linears.layers, linears.layer_groups)), desc=f"sab {req.method}", unit="layer",
+                   disable=not progress)
         for (layer_name, layer), groups in bar:
             layer.to(device)
             done = partial.load(layer_name)
@@ -196,10 +352,13 @@ def calibrate(
                 stats = None
                 if quantizer.needs_stats:
                     reps = {g[0][0]: g[0][1] for g in groups}
-                    stats = collect_stats(layer, reps, inputs, device, token_pool=token_pool, atv_alpha=atv_alpha, where=layer_name)
+                    stats = collect_stats(layer, reps, inputs, device, token_pool=run.token_pool,
+                                          atv_alpha=req.atv_alpha, where=layer_name)
                 mark = results.mark()
-                for group in tqdm(groups, desc=layer_name.rsplit(".", 1)[-1], unit="group", leave=False, disable=not progress):
-                    _quantize_group(group, quantizer, stats[group[0][0]] if stats else None, device, results, layer_name)
+                for group in tqdm(groups, desc=layer_name.rsplit(".", 1)[-1], unit="group", leave=False,
+                                  disable=not progress):
+                    _quantize_group(group, quantizer, stats[group[0][0]] if stats else None, device, results,
+                                    layer_name)
                 partial.save(layer_name, results.since(mark))
             if inputs is not None:
                 inputs = run_layer(layer, inputs, device, where=layer_name)
@@ -209,24 +368,35 @@ def calibrate(
         if partial.started:
             logger.error("finished layers are kept in %s; rerun with --resume to continue", partial.folder)
         raise
+
+
+def _write(req: _Request, run: _Run, hf: nn.Module, results: _Results, partial: Partial, t0: float) -> Path:
+    """Write the checkpoint and its report atomically, then drop the resume state.
+
+    ``t0`` is the run's start (``time.time()``), for the report's ``calibration_seconds``.
+
+    Returns:
+        The output folder (resolved).
+    """
+    method, block_size = req.method, req.block_size
     # The saved state is read now, from the modules the loop left on CPU: moving a layer to the
     # device and back gives its parameters new tensors, so a state_dict() taken before the loop
     # would hold the weights as loaded, not the dense results written into the moved layer.
-    state = {adapter.checkpoint_name(k): v for k, v in results.final_state(hf).items()}
+    state = {run.adapter.checkpoint_name(k): v for k, v in results.final_state(hf).items()}
     quant_config = (
         fmt.SabQuantizationConfig(results.profiles, results.modules, method=method, extra={"block_size": block_size})
         if results.modules
         else None  # dense methods (pruning): an ordinary checkpoint
     )
-    report = _report(model, method, results.reports, state, time.time() - t0)
+    report = _report(req.model, method, results.reports, state, time.time() - t0)
     if results.calibration:
         report["calibration"] = results.calibration
-    with atomic_output(output, overwrite) as tmp:
+    with atomic_output(req.output, req.overwrite) as tmp:
         hf.config.architectures = [type(hf).__name__]
         write_checkpoint(tmp, state, hf.config.to_diff_dict(), quant_config, report)
-        _save_processor(model, hf, tmp)
+        _save_processor(req.model, hf, tmp)
     partial.remove()
-    out = Path(output).resolve()
+    out = Path(req.output).resolve()
     logger.info(
         "wrote %s: %d quantized linears, %.3f true bits/weight, %.1f MB",
         out,

@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoProcessor
     from vllm import SamplingParams
 
-    from vllm_sab import shapesqa
+    from vllm_sab.demo import shapesqa
     from vllm_sab.calibrate import calibrate
-    from vllm_sab.calibrate.evaluate import chat_prompt, load_transformers, make_llm, transformers_answers
+    from vllm_sab.demo.evaluate import chat_prompt, load_transformers, make_llm, transformers_answers
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ Two choices make the questions that name one object among several (the
 *binding* questions) learnable; without them the model stalled near 82 %,
 with "Is there a purple cross?" at chance:
 
-* **The question comes before the image** (:func:`vllm_sab.shapesqa.chat_content`),
+* **The question comes before the image** (:func:`vllm_sab.demo.shapesqa.chat_content`),
   so each visual token can attend to the question and tell whether its object
   is the one named.
 * **Grounding loss** in stages 2-4 (:func:`grounding_loss`): each projected
@@ -35,7 +35,7 @@ with "Is there a purple cross?" at chance:
   and an image token can be compared by one attention dot product.
 
 The loss covers the answer tokens (and EOS) only. The output folder loads in
-transformers and vLLM (see ``vllm_sab.testing.save_vlm``), in float16 to stay
+transformers and vLLM (see ``tests/tiny_models.py:save_vlm``), in float16 to stay
 under 30 MB; ``train_log.json`` records the losses and held-out accuracies.
 """
 
@@ -45,6 +45,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -52,9 +53,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_sab import shapesqa
-from vllm_sab.calibrate.evaluate import chat_prompt, transformers_answers
-from vllm_sab.testing import build_tiny_tokenizer, llava_parts, save_vlm
+from vllm_sab.demo import shapesqa
+from vllm_sab.demo.evaluate import chat_prompt, transformers_answers
+
+# The model builders are development fixtures kept with the tests (tests/tiny_models.py), not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_models import build_tiny_tokenizer, llava_parts, save_vlm  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(cfg.seed)
     tok, model, processor = build_model(cfg)
     if args.init is not None:
-        from vllm_sab.calibrate.evaluate import load_transformers
+        from vllm_sab.demo.evaluate import load_transformers
 
         model.load_state_dict(load_transformers(args.init).state_dict())
         init_log_path = Path(args.init) / "train_log.json"

@@ -18,7 +18,7 @@ absent parts compiled out.
   weights equal ``format.dequantize`` bit for bit. ``x`` is read through the
   in-block permutation inside the kernel (a gather of a few KB per program).
 * :func:`sab_linear_kernel` (prefill): dequantizes ``[BLOCK_N, BLOCK_K]`` tiles
-  with :func:`vllm_sab.format_jit.dequantize_tile` and feeds ``tl.dot`` (tensor
+  with :func:`vllm_sab.format.codec_jit.dequantize_tile` and feeds ``tl.dot`` (tensor
   cores for float16/bfloat16 ``x``).
 
 :func:`choose_launch` picks the kernel and its launch configuration per
@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from vllm_sab import format as fmt
-from vllm_sab.format_jit import WORD_BITS, dequantize_tile
+from vllm_sab.format.codec_jit import WORD_BITS, dequantize_tile
 
 from .reference import SUPPORTED_DTYPES
 

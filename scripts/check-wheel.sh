@@ -51,6 +51,13 @@ echo "$WORK/deps" > "$NEW_SITE/zz_dev_venv_dependencies.pth"
 "$NEW_PY" -m pip install --quiet --disable-pip-version-check --no-deps --no-index "$WHEEL"
 log "installed into $WORK/venv"
 
+# --- fixtures: a tiny random LLaVA and a test image, built by the development environment -----
+# tests/tiny_models.py is a development fixture, not part of the wheel; what it writes (a plain
+# Hugging Face folder and a PNG) is only the input of the checks below.
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$DEV_PY" "$REPO_ROOT/tests/tiny_models.py" llava "$WORK/tiny-llava" >/dev/null
+"$DEV_PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); from tiny_models import tiny_image; tiny_image(0).save(sys.argv[2])' \
+    "$REPO_ROOT/tests" "$WORK/tiny-image.png"
+
 # Everything below runs outside the checkout, with no path into it.
 cd "$WORK"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
@@ -75,24 +82,23 @@ print("[check-wheel] vllm_sab", md.version("vllm-sab"), "imports from", venv)
 EOF
 
 # --- 3. calibrate a tiny model with the installed console script ---------------------------
-"$NEW_PY" -m vllm_sab.testing llava "$WORK/tiny-llava" >/dev/null
 "$WORK/venv/bin/sab-calibrate" --model "$WORK/tiny-llava" --output "$WORK/tiny-llava-sab" \
     --method sab --data builtin --num-samples 4 --max-seq-len 192 --device cpu --no-progress
 
 # --- 4. vLLM loads the result; tokens equal the dequantized transformers model -------------
-"$NEW_PY" - "$WORK/tiny-llava-sab" <<'EOF'
+"$NEW_PY" - "$WORK/tiny-llava-sab" "$WORK/tiny-image.png" <<'EOF'
 import sys
 import torch
+from PIL import Image
 from transformers import AutoProcessor
 from vllm import LLM, SamplingParams
 from vllm_sab.calibrate.reference_model import load_dequantized
-from vllm_sab.testing import tiny_image
 
 ckpt = sys.argv[1]
 proc = AutoProcessor.from_pretrained(ckpt)
 msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
 prompt = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-image = tiny_image(0)
+image = Image.open(sys.argv[2]).convert("RGB")  # tiny_image(0), saved losslessly
 
 llm = LLM(ckpt, quantization="sab", dtype="float32", enforce_eager=True, max_model_len=512,
           kv_cache_memory_bytes=64 << 20, limit_mm_per_prompt={"image": 1}, seed=0)

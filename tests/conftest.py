@@ -5,7 +5,7 @@ Fixtures:
                   small CPU-friendly defaults; every engine it made is shut down and
                   freed when the test ends.
     tiny_vlm   -- session-cached factory ``tiny_vlm(arch, key_style="transformers")
-                  -> Path`` of a tiny random checkpoint (see vllm_sab.testing).
+                  -> Path`` of a tiny random checkpoint (see tests/tiny_models.py).
     tiny_models -- the same factory under the name the end-to-end tests use.
 
 Helper:
@@ -113,7 +113,7 @@ def tiny_vlm(tmp_path_factory):
 
     Do not modify the returned directory; copy it first.
     """
-    from vllm_sab.testing import build_tiny_vlm
+    from tiny_models import build_tiny_vlm
 
     cache: dict[tuple[str, str], Path] = {}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_sab.testing import tiny_image
+from tiny_models import tiny_image
 
 MAX_TOKENS = 8
 QUESTION = "What is in the image?"

@@ -20,7 +20,7 @@ Q_PROJ = "model.language_model.layers.0.self_attn.q_proj"
 @pytest.fixture(scope="module")
 def sign_ckpt(tmp_path_factory):
     """A valid sign checkpoint of the tiny LLaVA (module-scoped; tests copy it)."""
-    from vllm_sab.testing import build_tiny_vlm
+    from tiny_models import build_tiny_vlm
 
     root = tmp_path_factory.mktemp("bad-input")
     src = build_tiny_vlm("llava", root / "tiny")
@@ -211,7 +211,7 @@ def test_cli_refuses_bad_method_options(tmp_path, capsys, tiny_vlm):
     (["--visual-keep-ratio", "0.5", "--reference", "REF"], "cannot be combined with visual-token pruning"),
 ])
 def test_sab_eval_refuses_bad_pruning_options(tiny_vlm, capsys, extra, message):
-    from vllm_sab.calibrate.evaluate import main as eval_main
+    from vllm_sab.demo.evaluate import main as eval_main
 
     model = str(tiny_vlm("llava"))
     extra = [model if a == "REF" else a for a in extra]
@@ -220,7 +220,7 @@ def test_sab_eval_refuses_bad_pruning_options(tiny_vlm, capsys, extra, message):
 
 
 def test_sab_eval_refuses_pruning_a_qwen_model(tiny_vlm, capsys):
-    from vllm_sab.calibrate.evaluate import main as eval_main
+    from vllm_sab.demo.evaluate import main as eval_main
 
     assert eval_main(["--model", str(tiny_vlm("qwen2_vl")), "--num-samples", "9", "--visual-keep-ratio", "0.5"]) == 2
     assert "LLaVA only" in capsys.readouterr().err
@@ -233,7 +233,7 @@ O_PROJ = "model.language_model.layers.0.self_attn.o_proj"
 def all_parts_ckpt(tmp_path_factory):
     """A checkpoint with every optional tensor (permutation, column scales, offsets) of the tiny LLaVA."""
     from test_e2e import AllPartsMethod
-    from vllm_sab.testing import build_tiny_vlm
+    from tiny_models import build_tiny_vlm
 
     root = tmp_path_factory.mktemp("all-parts")
     with pytest.MonkeyPatch.context() as mp:

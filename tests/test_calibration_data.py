@@ -17,7 +17,7 @@ from vllm_sab.calibrate.data import (
     load_hf_dataset,
     load_jsonl,
 )
-from vllm_sab.testing import build_tiny_vlm, tiny_image
+from tiny_models import build_tiny_vlm, tiny_image
 
 
 def _write_jsonl(path, records):
@@ -359,8 +359,8 @@ def test_encode_truncation_keeps_image_tokens(tiny, arch):
 
 def test_builtin_prompts_are_the_evaluation_prompts(tiny):
     """Calibration sees ShapesQA questions exactly as the model is asked them (question, then image)."""
-    from vllm_sab import shapesqa
-    from vllm_sab.calibrate.evaluate import chat_prompt
+    from vllm_sab.demo import shapesqa
+    from vllm_sab.demo.evaluate import chat_prompt
 
     processor, _, _ = tiny("llava")
     data = builtin_samples(12, seed=3)

@@ -138,7 +138,7 @@ def test_atv_pruned_dense_checkpoint_served_by_stock_vllm(tiny_vlm, make_llm, tm
     w = state["model.language_model.layers.1.mlp.down_proj.weight"]
     assert torch.equal((w == 0).sum(1), torch.full((w.shape[0],), w.shape[1] // 2))
     from e2e_helpers import hf_greedy, vllm_greedy
-    from vllm_sab.calibrate.evaluate import load_transformers
+    from vllm_sab.demo.evaluate import load_transformers
 
     served = vllm_greedy(make_llm(ckpt), ckpt)
     assert served == hf_greedy(load_transformers(ckpt), ckpt)

@@ -1,4 +1,4 @@
-"""Tests of ``vllm_sab/format.py`` against ``docs/format.md`` (format v1).
+"""Tests of ``vllm_sab/format/`` (the ``vllm_sab.format`` package) against ``docs/format.md`` (format v1).
 
 The reference functions below (``ref_*``) are written from the document only, element by
 element with plain Python loops: bit extraction (section 3.2), zones and slots (3.3), the
@@ -225,7 +225,7 @@ PROFILE_IDS = [p.key for p in PROFILES]
 
 
 # ---------------------------------------------------------------------------------------
-# 1. Reference implementation vs format.py
+# 1. Reference implementation vs vllm_sab.format
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", PROFILES, ids=PROFILE_IDS)
 @pytest.mark.parametrize("seed", [0, 1])
@@ -958,3 +958,16 @@ def test_validate_checkpoint_no_quantization_config(tmp_path):
     (empty / "config.json").write_text(json.dumps({"quantization_config": qc}))
     with pytest.raises(fmt.FormatError, match="safetensors"):
         fmt.validate_checkpoint(empty)
+
+
+def test_bits_by_tensor_splits_the_true_bits():
+    """Per-tensor bits: independent arithmetic for sign and ARB-RC profiles, summing to the true bits."""
+    p = fmt.LayerProfile(block_size=128)
+    assert fmt.bits_by_tensor(p, 4096, 4096) == {"weight_packed": 1.0, "weight_scale": 16 / 128}
+    q = fmt.LayerProfile(block_size=128, zone_bits=1, salient=8, salient_zoned=True, col_scale=True)
+    got = fmt.bits_by_tensor(q, 4096, 4096)
+    t = 6  # slots: 2 non-salient + 2 salient zones, plus plane 1 of the 2 salient zones
+    want = {"weight_packed": 1.0, "weight_zone": 1.0, "weight_residual": 8 / 128, "weight_perm": 16 / 4096,
+            "weight_scale": t * 16 / 128, "weight_col_scale": t * 16 / 4096}
+    assert got == pytest.approx(want)
+    assert sum(got.values()) == pytest.approx(fmt.true_bits_per_weight(q, 4096, 4096))

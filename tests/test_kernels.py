@@ -2,7 +2,7 @@
 
 Without CUDA the Triton kernel runs under Triton's CPU interpreter
 (``TRITON_INTERPRET=1``). Triton reads that variable when ``@triton.jit``
-decorates a function, i.e. when ``vllm_sab.format_jit`` and the kernel module
+decorates a function, i.e. when ``vllm_sab.format.codec_jit`` and the kernel module
 are imported, so it is set here before anything imports them.
 """
 

@@ -14,7 +14,7 @@ from vllm_sab.calibrate.layerwise import (
     run_layer,
 )
 from vllm_sab.calibrate.models import adapter_for
-from vllm_sab.testing import tiny_image
+from tiny_models import tiny_image
 
 
 def _inputs(model_dir):
@@ -35,7 +35,7 @@ def _inputs(model_dir):
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2_5_vl"])
 def loaded(request, tiny_vlm):
-    from vllm_sab.calibrate.evaluate import load_transformers
+    from vllm_sab.demo.evaluate import load_transformers
 
     model_dir = tiny_vlm(request.param)
     model = load_transformers(model_dir)

@@ -127,7 +127,7 @@ def test_nan_weight_names_the_layer(tiny_vlm, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(str(src))
     with torch.no_grad():
         model.model.language_model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
-    from vllm_sab.testing import save_vlm
+    from tiny_models import save_vlm
     from transformers import AutoProcessor
 
     bad = save_vlm(model, tmp_path / "bad", arch="llava", processor=AutoProcessor.from_pretrained(str(src)))

@@ -18,7 +18,7 @@ def test_weight_reload_runs_process_weights_again_and_serves_the_new_weights(tin
     (every optional tensor, fused q/k/v and gate/up) serves exactly that checkpoint's tokens."""
     from test_e2e import AllPartsMethod
     from vllm_sab.calibrate.methods import METHODS
-    from vllm_sab.testing import build_tiny_vlm
+    from tiny_models import build_tiny_vlm
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(METHODS, AllPartsMethod.name, AllPartsMethod)

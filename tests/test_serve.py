@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from vllm_sab.calibrate import calibrate
-from vllm_sab.testing import tiny_image
+from tiny_models import tiny_image
 
 STARTUP_TIMEOUT_S = 240
 

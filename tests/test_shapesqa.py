@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vllm_sab import shapesqa
+from vllm_sab.demo import shapesqa
 
 
 def test_splits_are_deterministic_and_distinct():
@@ -92,7 +92,7 @@ def test_teacher_forced_positions_are_the_answer_tokens(tiny_vlm):
     """compare_distributions scores exactly the answer tokens and EOS; a model against itself: KL 0, agreement 1."""
     from transformers import AutoProcessor
 
-    from vllm_sab.calibrate.evaluate import _answer_batch, compare_distributions, load_transformers
+    from vllm_sab.demo.evaluate import _answer_batch, compare_distributions, load_transformers
 
     model_dir = tiny_vlm("llava")
     proc = AutoProcessor.from_pretrained(str(model_dir))
@@ -115,7 +115,7 @@ def test_compare_distributions_against_a_per_sample_loop(tiny_vlm):
     import torch
     from transformers import AutoProcessor
 
-    from vllm_sab.calibrate.evaluate import chat_prompt, compare_distributions, load_transformers
+    from vllm_sab.demo.evaluate import chat_prompt, compare_distributions, load_transformers
 
     model_dir = tiny_vlm("llava")
     proc = AutoProcessor.from_pretrained(str(model_dir))
@@ -158,7 +158,7 @@ def test_sab_eval_engines_agree_on_a_sab_checkpoint(tmp_path, capsys):
     from pathlib import Path
 
     from vllm_sab.calibrate import calibrate
-    from vllm_sab.calibrate.evaluate import main
+    from vllm_sab.demo.evaluate import main
 
     model = Path(__file__).resolve().parents[1] / "models" / "shapes-llava"
     ckpt = calibrate(model, tmp_path / "sab", method="sign", progress=False)
@@ -175,7 +175,7 @@ def test_sab_eval_engines_agree_on_a_sab_checkpoint(tmp_path, capsys):
 
 
 def test_sab_eval_refuses_a_folder_without_config(tmp_path, capsys):
-    from vllm_sab.calibrate.evaluate import main
+    from vllm_sab.demo.evaluate import main
 
     assert main(["--model", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
@@ -183,7 +183,7 @@ def test_sab_eval_refuses_a_folder_without_config(tmp_path, capsys):
 
 def test_pixels_from_the_processor_match_training(tmp_path):
     """The training script feeds the processor's pixels; a 64x64 image passes the CLIP resize unchanged."""
-    from vllm_sab.testing import build_tiny_tokenizer, llava_parts
+    from tiny_models import build_tiny_tokenizer, llava_parts
 
     tok = build_tiny_tokenizer("llava", vocab_size=300, texts=shapesqa.corpus(200))
     _, _, proc = llava_parts(tok, image_size=64, patch_size=16)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_sab import shapesqa
-from vllm_sab.calibrate.evaluate import evaluate
+from vllm_sab.demo import shapesqa
+from vllm_sab.demo.evaluate import evaluate
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-llava"
 
@@ -41,7 +41,7 @@ def test_openai_style_chat_renders_the_trained_prompt_and_answers(make_llm):
     from transformers import AutoProcessor
     from vllm import SamplingParams
 
-    from vllm_sab.calibrate.evaluate import chat_prompt
+    from vllm_sab.demo.evaluate import chat_prompt
 
     def data_url(img) -> str:
         buf = io.BytesIO()

@@ -1,4 +1,4 @@
-"""Tiny VLM checkpoints (vllm_sab.testing): they load in transformers and in vLLM CPU,
+"""Tiny VLM checkpoints (tests/tiny_models.py): they load in transformers and in vLLM CPU,
 and both produce the same greedy tokens for an image+text chat prompt."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_sab.testing import KEY_STYLES, SUPPORTED_TINY_ARCHS, build_tiny_vlm, checkpoint_key, tiny_image
+from tiny_models import KEY_STYLES, SUPPORTED_TINY_ARCHS, build_tiny_vlm, checkpoint_key, tiny_image
 
 MAX_TOKENS = 8
 MESSAGES = [

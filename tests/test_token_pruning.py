@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_sab import shapesqa
-from vllm_sab.calibrate.evaluate import chat_prompt, load_transformers, transformers_answers, vllm_answers
+from vllm_sab.demo import shapesqa
+from vllm_sab.demo.evaluate import chat_prompt, load_transformers, transformers_answers, vllm_answers
 from vllm_sab.token_pruning import (
     CONFIG_KEEP_RATIO,
     num_kept,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_sab import shapesqa
+from vllm_sab.demo import shapesqa
 
 _SPEC = importlib.util.spec_from_file_location(
     "train_shapes_vlm", Path(__file__).resolve().parents[1] / "examples" / "train_shapes_vlm.py"

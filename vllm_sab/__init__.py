@@ -4,13 +4,17 @@ Parts (data flows one way):
 
 - ``vllm_sab.calibrate`` (repo folder ``calibrate/``): binarizes a Hugging Face
   VLM and writes a packed checkpoint (``sab-calibrate``).
-- ``vllm_sab.format``: the packed checkpoint format (single owner of the layout).
+- ``vllm_sab.format``: the packed checkpoint format (single owner of the layout;
+  ``layout``, ``codec`` and its Triton twin ``codec_jit``, ``checkpoint``).
 - ``vllm_sab.config`` / ``vllm_sab.linear_method`` / ``vllm_sab.ops``: the vLLM
   plugin (``--quantization sab``), registered by :func:`register` through the
   ``vllm.general_plugins`` entry point.
 - ``vllm_sab.kernels`` (repo folder ``kernels/``): Triton and torch GEMV/GEMM.
+- ``vllm_sab.demo``: the shipped demo model's task (ShapesQA) and ``sab-eval``;
+  optional, never imported by :func:`register`.
 
-Importing this package does not import vLLM.
+``docs/architecture.md`` says which module owns what. Importing this package
+does not import vLLM.
 """
 
 __version__ = "0.1.0"

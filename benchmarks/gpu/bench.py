@@ -619,7 +619,9 @@ def decode_part(args, rec: Recorder, budget: Budget) -> None:
 def calibrate_part(args, rec: Recorder, budget: Budget) -> None:
     import torch
 
-    from vllm_sab.testing import build_tiny_tokenizer, llava_parts, save_vlm
+    # The model builders are development fixtures kept with the tests (tests/tiny_models.py), not installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from tiny_models import build_tiny_tokenizer, llava_parts, save_vlm
 
     device = "cpu" if args.dry_run else "cuda"
     dtype = torch.float32 if args.dry_run else torch.float16

@@ -7,9 +7,7 @@ names a method, it looks it up here.
 
 from __future__ import annotations
 
-import inspect
-
-from .base import CalibrationStats, Method
+from .base import CalibrationStats, Method, MethodOptions
 from .arb import ARBRCMethod, ARBXMethod
 from .billm import BiLLMMethod
 from .bivlm import BiVLMMethod
@@ -38,14 +36,20 @@ METHODS: dict[str, type[Method]] = {
 def get_method(name: str, **options) -> Method:
     """Instantiate a method by name.
 
+    Args:
+        name: a key of :data:`METHODS` (the ``--method`` value).
+        options: the method's options (``--option KEY=VALUE``), checked against
+            its ``Options`` dataclass (:class:`~.base.MethodOptions`).
+
     Raises:
         ValueError: unknown name, listing the known ones; an option the method
-            does not take, listing the ones it does.
+            does not take, listing the ones it does; an option value out of
+            range (naming the option and what it accepts).
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     cls = METHODS[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = cls.Options.names()
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"method {name!r} has no option {', '.join(unknown)}; its options: {', '.join(accepted)}")
@@ -62,6 +66,7 @@ __all__ = [
     "METHODS",
     "CalibrationStats",
     "Method",
+    "MethodOptions",
     "SABMethod",
     "SignMethod",
     "Uniform2Method",

@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vllm_sab.format import LayerProfile
 
 from .base import CalibrationStats
 from .binarize import ZoneFit, arb_refine, arb_x_refine, rc_refine, rc_round_col_scales
-from .blockwise import BlockContext, BlockFit, BlockwiseMethod, break_point_search
+from .blockwise import BlockContext, BlockFit, BlockwiseMethod, BlockwiseOptions, break_point_search
 
-__all__ = ["ARBRCMethod", "ARBXMethod"]
+__all__ = ["ARBOptions", "ARBRCMethod", "ARBXMethod"]
+
+
+@dataclass(frozen=True)
+class ARBOptions(BlockwiseOptions):
+    """Options of ARB-X and ARB-RC (and the SAB family built on ARB-RC).
+
+    Attributes:
+        block_size, percdamp, salient_columns, max_salient: see
+            :class:`~.blockwise.BlockwiseOptions`.
+        iterations: ARB refinement rounds (an int >= 0; ARB-LLM's 15).
+        column_group_bitmap: split the salient columns into two zones (ARB's
+            ``--order2_group``), else one salient zone.
+
+    Raises:
+        ValueError: ``iterations`` not an int >= 0; as ``BlockwiseOptions``.
+    """
+
+    iterations: int = 15
+    column_group_bitmap: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.iterations, int) and self.iterations >= 0):
+            raise ValueError(f"iterations must be an int >= 0, got {self.iterations!r}")
+        self._set("column_group_bitmap", bool(self.column_group_bitmap))
 
 
 class _ARBBase(BlockwiseMethod):
@@ -30,20 +57,7 @@ class _ARBBase(BlockwiseMethod):
     ``S``-weighted error for ARB-X: :meth:`_split_metric`).
     """
 
-    def __init__(
-        self,
-        block_size: int = 128,
-        percdamp: float = 0.01,
-        salient_columns: int | None = None,
-        max_salient: int | None = None,
-        iterations: int = 15,
-        column_group_bitmap: bool = True,
-    ) -> None:
-        super().__init__(block_size, percdamp, salient_columns, max_salient)
-        if not (isinstance(iterations, int) and iterations >= 0):
-            raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
-        self.iterations = iterations
-        self.column_group_bitmap = bool(column_group_bitmap)
+    Options = ARBOptions
 
     def _zoned(self, salient: int) -> bool:
         return self.column_group_bitmap and salient > 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -47,6 +47,38 @@ class CalibrationStats:
     n_samples: int = 0
 
 
+@dataclass(frozen=True)
+class MethodOptions:
+    """The options of a method family: one frozen dataclass, checked when built.
+
+    Each method family declares one subclass (its fields are the ``--option KEY=VALUE``
+    keys it accepts, in order; a family that refines another inherits its fields) and
+    names it as its method's ``Options``. Values are checked in ``__post_init__``, base
+    class first, so an out-of-range option fails before any weight is read; a check may
+    normalize a value (e.g. fill in a default that depends on ``block_size``).
+
+    Attributes:
+        block_size: input columns per scale block (multiple of 32).
+
+    Raises:
+        FormatError: a bad ``block_size``.
+    """
+
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        LayerProfile(block_size=self.block_size)  # validates
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option keys a caller may pass, in declaration order (fields fixed by the family excluded)."""
+        return [f.name for f in fields(cls) if f.init]
+
+    def _set(self, name: str, value: Any) -> None:
+        """Normalize one field inside ``__post_init__`` (the dataclass is frozen)."""
+        object.__setattr__(self, name, value)
+
+
 class Method:
     """Base class of a binarization method.
 
@@ -58,8 +90,20 @@ class Method:
     is passed stacked along rows) and returns format v1 components; it never
     touches modules, hooks or files.
 
+    A method's options are one :class:`MethodOptions` subclass, its ``Options``:
+    construct with keywords (``SABMethod(block_size=64, significance="modality")``,
+    checked by ``Options``) or with a built options object (``SABMethod(opts)``). Every
+    option is then also an attribute of the method (``self.block_size``), and the object
+    is ``self.options``.
+
     Args:
-        block_size: input columns per scale block (multiple of 32).
+        options: a built ``Options``, or None to build one from ``kwargs``.
+        kwargs: the options as keywords (see ``Options``).
+
+    Raises:
+        TypeError: ``options`` is not this method's ``Options``, or given with ``kwargs``;
+            an unknown keyword.
+        ValueError, FormatError: an option out of range (from ``Options``).
     """
 
     name: ClassVar[str] = ""
@@ -67,10 +111,21 @@ class Method:
     #: The calibration token pool used when the caller does not choose one
     #: (``sab-calibrate --token-pool``): ``"all"``, ``"text"`` or ``"atv"``.
     default_token_pool: ClassVar[str] = "all"
+    #: This method family's options (the ``--option`` keys it accepts).
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
 
-    def __init__(self, block_size: int = 128) -> None:
-        LayerProfile(block_size=block_size)  # validates
-        self.block_size = block_size
+    def __init__(self, options: MethodOptions | None = None, **kwargs: Any) -> None:
+        if options is None:
+            options = self.Options(**kwargs)
+        elif kwargs or not isinstance(options, self.Options):
+            raise TypeError(
+                f"{type(self).__name__} takes one {self.Options.__name__} or keyword options, "
+                f"got {options!r} and {sorted(kwargs)}"
+            )
+        self.options = options
+        # Methods read their options as attributes (self.percdamp); copied once, the options are frozen.
+        for f in fields(options):
+            setattr(self, f.name, getattr(options, f.name))
         #: Extra fields of the last :meth:`quantize` call for its layer's report entry
         #: (e.g. ``{"percdamp": d}``, the damping actually used after retries); the
         #: pipeline clears it before each call and copies it into ``sab_report.json``.

@@ -17,10 +17,11 @@ import torch
 from vllm_sab.format import LayerProfile
 
 from .binarize import ZoneFit, arb_refine, arb_x_refine, rc_refine, rc_round_col_scales
-from .blockwise import BlockContext, BlockFit, BlockwiseMethod, column_rank
+from .blockwise import BlockContext, BlockFit, BlockwiseMethod, BlockwiseOptions, column_rank
 
 __all__ = [
     "BiVLMMethod",
+    "BiVLMOptions",
     "DEFAULT_OUTLIER_MASSES",
     "FITS",
     "GaussianGroups",
@@ -287,6 +288,66 @@ def output_col_scales(
 # ---------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BiVLMOptions(BlockwiseOptions):
+    """Options of Bi-VLM (:class:`BiVLMMethod`).
+
+    Attributes:
+        block_size, percdamp, max_salient: see :class:`~.blockwise.BlockwiseOptions`.
+        salient_columns: ``s``. 0 (default) is option (b) and ``> 0`` is option (a).
+            None searches ``s`` in ``1..max_salient`` by BiLLM's criterion (option a).
+        outlier_mass: ``p_out`` in ``(0, 1)``, or a non-empty sequence of candidates
+            searched per block (default :data:`DEFAULT_OUTLIER_MASSES`).
+        scope: ``"row"`` (default) or ``"block"``: where each Gaussian is fitted.
+        sigma: ``"moment"`` (default) or ``"robust"``.
+        fit: one of :data:`FITS`.
+        rounds: row/column alternations of ``"rc-x"`` (>= 0).
+        iterations: ARB / ARB-RC rounds per group (15, as in ARB-LLM).
+        salient_score: one of :data:`SALIENT_SCORES` (option a only).
+
+    Raises:
+        ValueError: an option out of range or unknown.
+        FormatError: a bad ``block_size``.
+    """
+
+    salient_columns: int | None = 0
+    outlier_mass: float | Sequence[float] = DEFAULT_OUTLIER_MASSES
+    scope: str = "row"
+    sigma: str = "moment"
+    fit: str = "rc-x"
+    rounds: int = 3
+    iterations: int = 15
+    salient_score: str = "outlier"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        outlier_mass, scope, sigma, fit, rounds, iterations, salient_score = (
+            self.outlier_mass, self.scope, self.sigma, self.fit, self.rounds, self.iterations, self.salient_score
+        )
+        masses = (outlier_mass,) if isinstance(outlier_mass, (int, float)) else tuple(outlier_mass)
+        if not masses or isinstance(outlier_mass, bool):
+            raise ValueError(f"outlier_mass must be a float in (0, 1) or a non-empty sequence, got {outlier_mass!r}")
+        for p in masses:
+            group_masses(p)  # ValueError if out of range
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if sigma not in SIGMA_ESTIMATORS:
+            raise ValueError(f"sigma must be one of {SIGMA_ESTIMATORS}, got {sigma!r}")
+        if fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+        if salient_score not in SALIENT_SCORES:
+            raise ValueError(f"salient_score must be one of {SALIENT_SCORES}, got {salient_score!r}")
+        for name, v in (("rounds", rounds), ("iterations", iterations)):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+
+    @property
+    def outlier_masses(self) -> tuple[float, ...]:
+        """The ``outlier_mass`` candidates as a tuple of floats (one entry for a single mass)."""
+        m = self.outlier_mass
+        return tuple(float(p) for p in ((m,) if isinstance(m, (int, float)) else m))
+
+
 class BiVLMMethod(BlockwiseMethod):
     """Bi-VLM: Gaussian-quantile groups and saliency-aware hybrid binarization, format v1 ``zone_bits=2``.
 
@@ -397,63 +458,18 @@ class BiVLMMethod(BlockwiseMethod):
     says 1.0 at ``s = 0`` and ``1 + s / B`` otherwise. It counts neither the 2-bit group
     index nor the scales.
 
-    Args:
-        block_size, percdamp, max_salient: see :class:`~.blockwise.BlockwiseMethod`.
-        salient_columns: ``s``. 0 (default) is option (b) and ``> 0`` is option (a).
-            None searches ``s`` in ``1..max_salient`` by BiLLM's criterion (option a).
-        outlier_mass: ``p_out`` in ``(0, 1)``, or a non-empty sequence of candidates
-            searched per block (default :data:`DEFAULT_OUTLIER_MASSES`).
-        scope: ``"row"`` (default) or ``"block"``: where each Gaussian is fitted.
-        sigma: ``"moment"`` (default) or ``"robust"``.
-        fit: one of :data:`FITS`.
-        rounds: row/column alternations of ``"rc-x"`` (>= 0).
-        iterations: ARB / ARB-RC rounds per group (15, as in ARB-LLM).
-        salient_score: one of :data:`SALIENT_SCORES` (option a only).
+    Options: :class:`BiVLMOptions`.
 
     Raises:
         ValueError: an option out of range or unknown.
     """
 
     name = "bivlm"
+    Options = BiVLMOptions
 
-    def __init__(
-        self,
-        block_size: int = 128,
-        percdamp: float = 0.01,
-        salient_columns: int | None = 0,
-        max_salient: int | None = None,
-        outlier_mass: float | Sequence[float] = DEFAULT_OUTLIER_MASSES,
-        scope: str = "row",
-        sigma: str = "moment",
-        fit: str = "rc-x",
-        rounds: int = 3,
-        iterations: int = 15,
-        salient_score: str = "outlier",
-    ) -> None:
-        super().__init__(block_size, percdamp, salient_columns, max_salient)
-        masses = (outlier_mass,) if isinstance(outlier_mass, (int, float)) else tuple(outlier_mass)
-        if not masses or isinstance(outlier_mass, bool):
-            raise ValueError(f"outlier_mass must be a float in (0, 1) or a non-empty sequence, got {outlier_mass!r}")
-        for p in masses:
-            group_masses(p)  # ValueError if out of range
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-        if sigma not in SIGMA_ESTIMATORS:
-            raise ValueError(f"sigma must be one of {SIGMA_ESTIMATORS}, got {sigma!r}")
-        if fit not in FITS:
-            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-        if salient_score not in SALIENT_SCORES:
-            raise ValueError(f"salient_score must be one of {SALIENT_SCORES}, got {salient_score!r}")
-        for name, v in (("rounds", rounds), ("iterations", iterations)):
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        self.outlier_masses = tuple(float(p) for p in masses)
-        self.scope = scope
-        self.sigma = sigma
-        self.fit = fit
-        self.rounds = rounds
-        self.iterations = iterations
-        self.salient_score = salient_score
+    def __init__(self, options: BiVLMOptions | None = None, **kwargs) -> None:
+        super().__init__(options, **kwargs)
+        self.outlier_masses = self.options.outlier_masses
         #: Per block, the chosen outlier mass of the last layer (diagnostics).
         self.chosen_masses: list[float] = []
 

@@ -30,7 +30,7 @@ import torch
 
 from vllm_sab.format import BinaryComponents, LayerProfile, compose, tensor_specs
 
-from .base import CalibrationStats, Method
+from .base import CalibrationStats, Method, MethodOptions
 from .binarize import ZoneFit, linear_quantiles, residual_binarize, residual_sse, to_fp16
 from .hessian import damped_inverse_cholesky_upper, prepare_hessian
 
@@ -39,6 +39,7 @@ __all__ = [
     "BlockContext",
     "BlockFit",
     "BlockwiseMethod",
+    "BlockwiseOptions",
     "BlockwiseResult",
     "BreakPoint",
     "assemble_block",
@@ -546,22 +547,11 @@ class BlockwiseResult:
     percdamp: float | None = None
 
 
-class BlockwiseMethod(Method):
-    """Base of the Hessian-compensated block binarizers (BiLLM, ARB-X, ARB-RC, SAB).
+@dataclass(frozen=True)
+class BlockwiseOptions(MethodOptions):
+    """Options of the block binarizers (:class:`BlockwiseMethod` and its families).
 
-    Subclasses implement :meth:`_profile` and :meth:`_fit_block`; this class
-    runs the loop of the module docstring.
-
-    Deviation from BiLLM/ARB-LLM (format constraint): format v1 stores one
-    salient-column count ``s`` per layer, while the references search it per
-    block over ``1..49``. ``s`` is chosen once, before the block loop, by the
-    references' criterion summed over all blocks of the uncompensated weight
-    (:func:`salient_count_search`) over ``1..max_salient``, or forced with
-    ``salient_columns``. Within each (compensated) block the salient columns
-    are the top-``s`` by summed saliency, stored first in ascending original
-    order.
-
-    Args:
+    Attributes:
         block_size: input columns per block ``B`` (128 in all references);
             a multiple of 32.
         percdamp: relative Hessian damping (0.01).
@@ -579,16 +569,15 @@ class BlockwiseMethod(Method):
         FormatError: a bad ``block_size``.
     """
 
-    needs_stats = True
+    percdamp: float = 0.01
+    salient_columns: int | None = None
+    max_salient: int | None = None
 
-    def __init__(
-        self,
-        block_size: int = 128,
-        percdamp: float = 0.01,
-        salient_columns: int | None = None,
-        max_salient: int | None = None,
-    ) -> None:
-        super().__init__(block_size)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        block_size, salient_columns, max_salient, percdamp = (
+            self.block_size, self.salient_columns, self.max_salient, self.percdamp
+        )
         if salient_columns is not None and not (
             isinstance(salient_columns, int) and 0 <= salient_columns < block_size
         ):
@@ -599,9 +588,31 @@ class BlockwiseMethod(Method):
             raise ValueError(f"max_salient must be an int in 1..{block_size - 1}, got {max_salient!r}")
         if not percdamp > 0:
             raise ValueError(f"percdamp must be > 0, got {percdamp!r}")
-        self.percdamp = float(percdamp)
-        self.salient_columns = salient_columns
-        self.max_salient = max_salient
+        self._set("percdamp", float(percdamp))
+        self._set("max_salient", max_salient)
+
+
+class BlockwiseMethod(Method):
+    """Base of the Hessian-compensated block binarizers (BiLLM, ARB-X, ARB-RC, SAB).
+
+    Subclasses implement :meth:`_profile` and :meth:`_fit_block`; this class
+    runs the loop of the module docstring.
+
+    Deviation from BiLLM/ARB-LLM (format constraint): format v1 stores one
+    salient-column count ``s`` per layer, while the references search it per
+    block over ``1..49``. ``s`` is chosen once, before the block loop, by the
+    references' criterion summed over all blocks of the uncompensated weight
+    (:func:`salient_count_search`) over ``1..max_salient``, or forced with
+    ``salient_columns``. Within each (compensated) block the salient columns
+    are the top-``s`` by summed saliency, stored first in ascending original
+    order.
+
+    Options: :class:`BlockwiseOptions` (``block_size``, ``percdamp``,
+    ``salient_columns``, ``max_salient``).
+    """
+
+    needs_stats = True
+    Options = BlockwiseOptions
 
     # ---- to implement ------------------------------------------------------------
     def _profile(self, salient: int) -> LayerProfile:

@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from vllm_sab.format import LayerProfile
 
-from .base import CalibrationStats, Method
+from .base import CalibrationStats, Method, MethodOptions
 from .binarize import ZoneFit, rc_refine, rc_round_col_scales
 from .blockwise import BlockContext, BlockFit, BlockwiseResult, break_point_search
-from .sab import SABMethod
+from .sab import SABMethod, SABOptions
 
 __all__ = [
     "ATVPruneMethod",
@@ -205,6 +206,30 @@ def prune_mask(importance: torch.Tensor, sparsity: float | None, pattern: str = 
 # ---------------------------------------------------------------------------------------
 # atv-prune: the pruned dense weight
 # ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ATVPruneOptions(MethodOptions):
+    """Options of ``atv-prune``: the keep-mask.
+
+    Attributes:
+        block_size: accepted for the pipeline's interface (validated, unused).
+        sparsity: fraction pruned per row (0.5; the paper uses 0.5 and 0.6);
+            normalized by :func:`resolve_sparsity` (None with ``N:M`` becomes ``1 - N/M``).
+        pattern: ``"unstructured"`` (default), ``"2:4"``, ``"4:8"`` or any
+            ``"N:M"``; N:M needs ``sparsity`` None or ``1 - N/M``.
+
+    Raises:
+        ValueError: bad sparsity or pattern (:func:`resolve_sparsity`).
+        FormatError: a bad ``block_size``.
+    """
+
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("sparsity", resolve_sparsity(self.sparsity, self.pattern)[0])
+
+
 class ATVPruneMethod(Method):
     """ATV-Pruning (arXiv 2603.16001) / Wanda (arXiv 2306.11695): pruned dense weights.
 
@@ -229,11 +254,7 @@ class ATVPruneMethod(Method):
     (:func:`prune_mask`); N:M works (the released ATV N:M path is broken,
     papers.md section 2.2).
 
-    Args:
-        block_size: accepted for the pipeline's interface (validated, unused).
-        sparsity: fraction pruned per row (0.5; the paper uses 0.5 and 0.6).
-        pattern: ``"unstructured"`` (default), ``"2:4"``, ``"4:8"`` or any
-            ``"N:M"``; N:M needs ``sparsity`` None or ``1 - N/M``.
+    Options: :class:`ATVPruneOptions`.
 
     Raises:
         ValueError: bad sparsity or pattern (:func:`resolve_sparsity`).
@@ -244,11 +265,7 @@ class ATVPruneMethod(Method):
     needs_stats = True
     default_token_pool: ClassVar[str] = "atv"
     dense_output: ClassVar[bool] = True
-
-    def __init__(self, block_size: int = 128, sparsity: float | None = 0.5, pattern: str = "unstructured") -> None:
-        super().__init__(block_size)
-        self.sparsity, self._nm = resolve_sparsity(sparsity, pattern)
-        self.pattern = pattern
+    Options = ATVPruneOptions
 
     def keep_mask(self, weight: torch.Tensor, stats: CalibrationStats | None) -> torch.Tensor:
         """The keep-mask of ``weight`` (bool ``[N, K]``, True = kept).
@@ -285,6 +302,41 @@ class ATVPruneMethod(Method):
 # ---------------------------------------------------------------------------------------
 # atv-prune+sab: prune, then SAB-binarize the kept weights
 # ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ATVPruneSABOptions(SABOptions):
+    """Options of ``atv-prune+sab``: SAB's, the keep-mask's, and the zones of the pruned weights.
+
+    Attributes:
+        block_size, percdamp, salient_columns, max_salient, iterations,
+            salient_top_p, diff_quantile, significance, compensation,
+            weight_power: see :class:`~.sab.SABOptions`.
+        column_group_bitmap: always True, not an option (salient zones must
+            hold pruned weights too).
+        sparsity, pattern: the mask (see :class:`ATVPruneOptions`).
+        zone_bits: 1 (pruned / kept) or 2 (pruned / concentrated / sparse).
+        compensate_pruning: start the block loop from the dense weight (True)
+            or the pruned one (False); see step 4 of :class:`ATVPruneSABMethod`.
+
+    Raises:
+        ValueError: an option out of range (including sparsity / pattern, see
+            :func:`resolve_sparsity`); as ``SABOptions``.
+    """
+
+    column_group_bitmap: bool = field(default=True, init=False)
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    zone_bits: int = 1
+    compensate_pruning: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("sparsity", resolve_sparsity(self.sparsity, self.pattern)[0])
+        zone_bits = self.zone_bits
+        if zone_bits not in (1, 2) or isinstance(zone_bits, bool):
+            raise ValueError(f"zone_bits must be 1 (pruned/kept) or 2 (pruned/concentrated/sparse), got {zone_bits!r}")
+        self._set("compensate_pruning", bool(self.compensate_pruning))
+
+
 def _zero_fit(order: int, n: int, b: int, device: torch.device) -> ZoneFit:
     """A zone that decodes to exactly 0: row and column scales 0, signs +1."""
     return ZoneFit(
@@ -375,15 +427,7 @@ class ATVPruneSABMethod(SABMethod):
     no sparse encoding, so 50 % sparsity does not shrink the sign planes;
     STBLLM's "0.55 bits" counts neither bitmaps nor scales.
 
-    Args:
-        block_size, percdamp, salient_columns, max_salient, iterations,
-            salient_top_p, diff_quantile, significance, compensation,
-            weight_power: see :class:`~.sab.SABMethod` (the column-group
-            bitmap is always on: salient zones must hold pruned weights too).
-        sparsity, pattern: the mask (see :class:`ATVPruneMethod`).
-        zone_bits: 1 (pruned / kept) or 2 (pruned / concentrated / sparse).
-        compensate_pruning: start the block loop from the dense weight (True)
-            or the pruned one (False); see step 4.
+    Options: :class:`ATVPruneSABOptions`.
 
     Raises:
         ValueError: options out of range (including sparsity / pattern, see
@@ -396,33 +440,10 @@ class ATVPruneSABMethod(SABMethod):
     default_token_pool: ClassVar[str] = "atv"
     dense_output: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        block_size: int = 128,
-        percdamp: float = 0.01,
-        salient_columns: int | None = None,
-        max_salient: int | None = None,
-        iterations: int = 15,
-        salient_top_p: float = 0.05,
-        diff_quantile: float = 0.5,
-        significance: str = "energy",
-        compensation: str = "pool",
-        weight_power: float = 2.0,
-        sparsity: float | None = 0.5,
-        pattern: str = "unstructured",
-        zone_bits: int = 1,
-        compensate_pruning: bool = True,
-    ) -> None:
-        super().__init__(
-            block_size, percdamp, salient_columns, max_salient, iterations, True,
-            salient_top_p, diff_quantile, significance, compensation, weight_power,
-        )
-        self.sparsity, self._nm = resolve_sparsity(sparsity, pattern)
-        self.pattern = pattern
-        if zone_bits not in (1, 2) or isinstance(zone_bits, bool):
-            raise ValueError(f"zone_bits must be 1 (pruned/kept) or 2 (pruned/concentrated/sparse), got {zone_bits!r}")
-        self.zone_bits = zone_bits
-        self.compensate_pruning = bool(compensate_pruning)
+    Options = ATVPruneSABOptions
+
+    def __init__(self, options: ATVPruneSABOptions | None = None, **kwargs) -> None:
+        super().__init__(options, **kwargs)
         self.last_sparsity: float | None = None
         self._keep: torch.Tensor | None = None
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from .arb import ARBRCMethod
+from .arb import ARBOptions, ARBRCMethod
 from .base import CalibrationStats
 from .blockwise import BlockwiseResult
 from .significance import (
@@ -18,7 +18,7 @@ from .significance import (
     uni_mass_ratio,
 )
 
-__all__ = ["SABMethod", "SIGNIFICANCE_VARIANTS", "COMPENSATION_VARIANTS"]
+__all__ = ["SABMethod", "SABOptions", "SIGNIFICANCE_VARIANTS", "COMPENSATION_VARIANTS"]
 
 #: What the "per-sample significance" behind the Hoyer sparsity is.
 SIGNIFICANCE_VARIANTS = ("energy", "modality")
@@ -28,6 +28,40 @@ COMPENSATION_VARIANTS = ("pool", "text", "balanced")
 # Lower bound of the loss weights: a weight of exactly 0 would leave a
 # column's scale undetermined.
 _MIN_WEIGHT = 1e-3
+
+
+@dataclass(frozen=True)
+class SABOptions(ARBOptions):
+    """Options of SAB-LVLM (and of ``atv-prune+sab``, which refines them).
+
+    Attributes:
+        block_size, percdamp, salient_columns, max_salient, iterations,
+            column_group_bitmap: see :class:`~.arb.ARBOptions`.
+        salient_top_p: fraction of weights salient per modality (in (0, 1]; 0.05).
+        diff_quantile: partition threshold quantile (in [0, 1]; 0.5).
+        significance: one of :data:`SIGNIFICANCE_VARIANTS`.
+        compensation: one of :data:`COMPENSATION_VARIANTS`.
+        weight_power: ``omega = Lambda ** weight_power`` (> 0; 2: the squared
+            Frobenius loss of the figure; 1: Lambda used directly).
+
+    Raises:
+        ValueError: an option out of range or unknown; as ``ARBOptions``.
+    """
+
+    salient_top_p: float = 0.05
+    diff_quantile: float = 0.5
+    significance: str = "energy"
+    compensation: str = "pool"
+    weight_power: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.significance not in SIGNIFICANCE_VARIANTS:
+            raise ValueError(f"significance must be one of {SIGNIFICANCE_VARIANTS}, got {self.significance!r}")
+        if self.compensation not in COMPENSATION_VARIANTS:
+            raise ValueError(f"compensation must be one of {COMPENSATION_VARIANTS}, got {self.compensation!r}")
+        if not 0 < self.salient_top_p <= 1 or not 0 <= self.diff_quantile <= 1 or not self.weight_power > 0:
+            raise ValueError("salient_top_p must be in (0, 1], diff_quantile in [0, 1], weight_power > 0")
 
 
 class SABMethod(ARBRCMethod):
@@ -67,15 +101,7 @@ class SABMethod(ARBRCMethod):
 
     Storage is ARB-RC's (``zone_bits 1``, ``s`` salient columns, column scales).
 
-    Args:
-        block_size, percdamp, salient_columns, max_salient, iterations,
-            column_group_bitmap: see :class:`~.arb.ARBRCMethod`.
-        salient_top_p: fraction of weights salient per modality (0.05).
-        diff_quantile: partition threshold quantile (0.5).
-        significance: one of :data:`SIGNIFICANCE_VARIANTS`.
-        compensation: one of :data:`COMPENSATION_VARIANTS`.
-        weight_power: ``omega = Lambda ** weight_power`` (2: the squared
-            Frobenius loss of the figure; 1: Lambda used directly).
+    Options: :class:`SABOptions`.
 
     Raises:
         ValueError: an option out of range or unknown; statistics without the
@@ -83,33 +109,10 @@ class SABMethod(ARBRCMethod):
     """
 
     name = "sab"
+    Options = SABOptions
 
-    def __init__(
-        self,
-        block_size: int = 128,
-        percdamp: float = 0.01,
-        salient_columns: int | None = None,
-        max_salient: int | None = None,
-        iterations: int = 15,
-        column_group_bitmap: bool = True,
-        salient_top_p: float = 0.05,
-        diff_quantile: float = 0.5,
-        significance: str = "energy",
-        compensation: str = "pool",
-        weight_power: float = 2.0,
-    ) -> None:
-        super().__init__(block_size, percdamp, salient_columns, max_salient, iterations, column_group_bitmap)
-        if significance not in SIGNIFICANCE_VARIANTS:
-            raise ValueError(f"significance must be one of {SIGNIFICANCE_VARIANTS}, got {significance!r}")
-        if compensation not in COMPENSATION_VARIANTS:
-            raise ValueError(f"compensation must be one of {COMPENSATION_VARIANTS}, got {compensation!r}")
-        if not 0 < salient_top_p <= 1 or not 0 <= diff_quantile <= 1 or not weight_power > 0:
-            raise ValueError("salient_top_p must be in (0, 1], diff_quantile in [0, 1], weight_power > 0")
-        self.salient_top_p = salient_top_p
-        self.diff_quantile = diff_quantile
-        self.significance = significance
-        self.compensation = compensation
-        self.weight_power = weight_power
+    def __init__(self, options: SABOptions | None = None, **kwargs) -> None:
+        super().__init__(options, **kwargs)
         self._omega: torch.Tensor | None = None
         self.last_r: float | None = None
 

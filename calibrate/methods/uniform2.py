@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from vllm_sab.format import BinaryComponents, LayerProfile, tensor_specs
 
-from .base import CalibrationStats, Method
+from .base import CalibrationStats, Method, MethodOptions
 from .hessian import damped_inverse_cholesky_upper, prepare_hessian
 
 __all__ = ["Uniform2Method", "uniform2_profile", "gptq_uniform2", "gptq_columns"]
@@ -189,6 +190,28 @@ def gptq_uniform2(
     return comps, q_all
 
 
+@dataclass(frozen=True)
+class Uniform2Options(MethodOptions):
+    """Options of ``uniform2`` (GPTQ 2-bit).
+
+    Attributes:
+        block_size: ``B``, group size and lazy-batch width (multiple of 32).
+        percdamp: relative Hessian damping (GPTQ's 0.01; > 0).
+
+    Raises:
+        ValueError: ``percdamp`` not > 0.
+        FormatError: a bad ``block_size``.
+    """
+
+    percdamp: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.percdamp > 0:
+            raise ValueError(f"percdamp must be > 0, got {self.percdamp!r}")
+        self._set("percdamp", float(self.percdamp))
+
+
 class Uniform2Method(Method):
     """2-bit asymmetric min-max uniform quantization with GPTQ error compensation.
 
@@ -230,19 +253,12 @@ class Uniform2Method(Method):
     **2.375 true bits per weight** (``format.true_bits_per_weight``); the papers'
     convention (``format.paper_weight_bits``, sign planes only) counts **2 bits**.
 
-    Args:
-        block_size: ``B``, group size and lazy-batch width (multiple of 32).
-        percdamp: relative Hessian damping (GPTQ's 0.01).
+    Options: :class:`Uniform2Options`.
     """
 
     name = "uniform2"
     needs_stats = True
-
-    def __init__(self, block_size: int = 128, percdamp: float = 0.01) -> None:
-        super().__init__(block_size)
-        if not percdamp > 0:
-            raise ValueError(f"percdamp must be > 0, got {percdamp!r}")
-        self.percdamp = float(percdamp)
+    Options = Uniform2Options
 
     def quantize(self, weight: torch.Tensor, stats: CalibrationStats | None = None) -> BinaryComponents:
         """Quantize ``weight`` to 2 bits with GPTQ.

@@ -1,12 +1,13 @@
-"""Triton (``@triton.jit``) twin of :mod:`vllm_sab.format`'s bit layout and dequantization.
+"""Triton (``@triton.jit``) twin of :mod:`vllm_sab.format.codec`: unpacking and dequantization.
 
 :mod:`vllm_sab.format` is the single owner of packed format v1; this module is
-its device-side mirror, for kernels that dequantize tiles in registers. It
-restates no layout fact of its own: constants come from ``format`` and every
-helper names the ``format`` function it mirrors. **Any change to format.py's
-layout or evaluation order must change this module with it**; the kernel tests
-(``tests/test_kernels.py``) compare kernels built on these helpers with
-``format.dequantize`` over every optional part of the format.
+the device-side mirror of its codec, for kernels that dequantize tiles in
+registers. It restates no layout fact of its own: constants come from
+:mod:`vllm_sab.format.layout` and every helper names the ``format`` function it
+mirrors (all importable from ``vllm_sab.format``). **Any change to the codec's
+bit order or evaluation order (or to the layout) must change this module with
+it**; the kernel tests (``tests/test_kernels.py``) compare kernels built on
+these helpers with ``format.dequantize`` over every optional part of the format.
 
 Conventions of the helpers below (all are ``@triton.jit`` device functions):
 
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_sab import format as fmt
+from vllm_sab.format import layout as fmt
 
 # Bits per storage word of the sign and zone planes (int32, LSB first).
 WORD_BITS = tl.constexpr(fmt.WORD_BITS)

@@ -1,4 +1,10 @@
-"""Tiny random vision-language checkpoints, built locally (no model hub).
+"""Tiny random vision-language checkpoints, built locally (no model hub): development fixtures.
+
+Not part of the installed package (``pip install vllm-sab`` ships the plugin, the
+format, the kernels, the calibrator and the demo's ``sab-eval``): the tests import
+this module directly (pytest puts ``tests/`` on ``sys.path``), and the scripts of
+the checkout that build models (``examples/train_shapes_vlm.py``, ``benchmarks/``,
+``scripts/check-wheel.sh``) put ``tests/`` on their path first.
 
 The models are small enough to build in a few seconds and to run in vLLM on a
 CPU, yet shaped like the real thing: a LLaVA-1.5 (CLIP + Llama), a Qwen2-VL and
@@ -8,14 +14,14 @@ image size. Every linear layer's input dimension in the language model, the
 projector and the vision tower is a multiple of 128, so the checkpoints can be
 quantized with 128-wide blocks along the input dimension.
 
-Usage::
+Usage (``tests/`` on ``sys.path``)::
 
-    from vllm_sab.testing import build_tiny_vlm, tiny_image
+    from tiny_models import build_tiny_vlm, tiny_image
     model_dir = build_tiny_vlm("qwen2_vl", tmp_path / "qwen2_vl")
 
-or from the shell::
+or from the shell, in the checkout::
 
-    python -m vllm_sab.testing llava OUT_DIR
+    python tests/tiny_models.py llava OUT_DIR
 """
 
 from __future__ import annotations
@@ -649,7 +655,7 @@ def build_tiny_vlm(
 
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_sab.testing",
+        prog="python tests/tiny_models.py",
         description="Build a tiny random vision-language checkpoint (no model hub needed).",
     )
     parser.add_argument("arch", choices=SUPPORTED_TINY_ARCHS)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_sab import shapesqa
+from vllm_sab.demo import shapesqa
 
 __all__ = ["chat_prompt", "evaluate", "is_sab_checkpoint", "load_transformers", "main", "transformers_answers", "vllm_answers"]
 
@@ -32,7 +32,7 @@ MAX_NEW_TOKENS = 6
 
 
 def chat_prompt(processor, sample: shapesqa.Sample) -> str:
-    """The chat-templated prompt of ``sample`` (:func:`vllm_sab.shapesqa.chat_content`: question, then image)."""
+    """The chat-templated prompt of ``sample`` (:func:`vllm_sab.demo.shapesqa.chat_content`: question, then image)."""
     content = shapesqa.chat_content(sample)
     return processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
@@ -53,7 +53,7 @@ def load_transformers(model_dir: str | Path, dtype: torch.dtype = torch.float32)
         OSError: ``model_dir`` is not a model folder.
     """
     if is_sab_checkpoint(model_dir):
-        from .reference_model import load_dequantized
+        from vllm_sab.calibrate.reference_model import load_dequantized
 
         return load_dequantized(model_dir, dtype)
     from transformers import AutoModelForImageTextToText
