@@ -124,6 +124,20 @@ def test_hessian_method_checkpoint_served_by_vllm_matches_transformers(tiny_vlm,
 
 
 @pytest.mark.vllm
+def test_float8_row_scale_checkpoint_served_by_vllm_matches_transformers(tiny_vlm, make_llm, tmp_path):
+    """SAB with e4m3 row scales: stored as F8_E4M3 (fewer true bits than float16 scales),
+    widened once at load for the kernels, and vLLM's tokens equal the dequantized transformers."""
+    ckpt = calibrate(tiny_vlm("llava"), tmp_path / "sab", method="sab", data="builtin", num_samples=6,
+                     max_seq_len=256, progress=False, method_options={"scale_dtype": "float8_e4m3fn"})
+    qc = fmt.validate_checkpoint(ckpt)
+    assert {p.scale_dtype for p in qc.profiles.values()} == {"float8_e4m3fn"}
+    headers = fmt.read_safetensors_headers(ckpt)
+    scales = [dt for name, (_, dt) in headers.items() if name.endswith(fmt.SCALE)]
+    assert scales and set(scales) == {"F8_E4M3"}
+    _check_served_equals_reference(make_llm, ckpt, expect_quantized=2 * 4)
+
+
+@pytest.mark.vllm
 def test_atv_pruned_dense_checkpoint_served_by_stock_vllm(tiny_vlm, make_llm, tmp_path):
     """atv-prune writes an ordinary dense checkpoint: 50 % zeros per decoder linear row, no
     quantization_config, and stock vLLM's greedy tokens equal transformers'."""

@@ -10,6 +10,7 @@ is rounded to float32 exactly as the document prescribes; results are compared w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -971,3 +972,45 @@ def test_bits_by_tensor_splits_the_true_bits():
             "weight_scale": t * 16 / 128, "weight_col_scale": t * 16 / 4096}
     assert got == pytest.approx(want)
     assert sum(got.values()) == pytest.approx(fmt.true_bits_per_weight(q, 4096, 4096))
+
+
+FP8 = P(block_size=64, zone_bits=1, salient=8, salient_zoned=True, col_scale=True, scale_dtype="float8_e4m3fn")
+
+
+def test_float8_row_scales_profile():
+    """scale_dtype float8_e4m3fn: spec dtype, key, config round trip, exact bits saved, rules."""
+    n, k = 40, 192
+    assert FP8.key == "b64-z1-s8g-rc-e4m3"
+    assert fmt.tensor_specs(FP8, n, k)[fmt.SCALE].dtype == torch.float8_e4m3fn
+    assert P.from_dict(FP8.to_dict()) == FP8 and FP8.to_dict()["scale_dtype"] == "float8_e4m3fn"
+    assert "scale_dtype" not in P(block_size=64).to_dict()  # float16 profiles read as before
+    half = dataclasses.replace(FP8, scale_dtype="float16")
+    saved = fmt.true_bits_per_weight(half, n, k) - fmt.true_bits_per_weight(FP8, n, k)
+    assert saved == pytest.approx(8 * FP8.num_slots / FP8.block_size)  # 8 of 16 bits per row scale
+    with pytest.raises(fmt.FormatError, match="needs col_scale"):
+        P(block_size=64, scale_dtype="float8_e4m3fn")
+    with pytest.raises(fmt.FormatError, match="scale_dtype must be one of"):
+        P(block_size=64, col_scale=True, scale_dtype="bfloat16")
+
+
+def test_float8_row_scales_dequantize_and_checkpoint(tmp_path):
+    """The element-wise reference reads e4m3 row scales; safetensors keeps them as F8_E4M3;
+    validation finds a NaN among them (e4m3fn has NaN but no Inf)."""
+    from test_kernels import random_components
+
+    n, k = 24, 128
+    c = random_components(FP8, n, k, seed=3)
+    t = fmt.pack(c)
+    assert t[fmt.SCALE].dtype == torch.float8_e4m3fn
+    assert torch.equal(fmt.dequantize(t, FP8), ref_dequantize(t, FP8))
+    mod = "model.language_model.layers.0.mlp.down_proj"
+    qc = {"quant_method": "sab", "format_version": 1, "profiles": {FP8.key: FP8.to_dict()},
+          "modules": {mod: {"profile": FP8.key, "shape": [n, k]}}}
+    folder = _write(tmp_path / "ckpt", {f"{mod}.{s}": v for s, v in t.items()}, qc)
+    assert fmt.validate_checkpoint(folder).profiles[FP8.key] == FP8
+    assert fmt.read_safetensors_headers(folder)[f"{mod}.{fmt.SCALE}"] == ((n, k // 64, FP8.num_slots), "F8_E4M3")
+    bad = dict(t)
+    bad[fmt.SCALE] = t[fmt.SCALE].clone()
+    bad[fmt.SCALE].view(torch.uint8)[0, 0, 0] = 0x7F  # e4m3fn NaN
+    with pytest.raises(fmt.FormatError, match="NaN"):
+        fmt.validate(bad, FP8, n, k, where=mod, check_values=True)

@@ -72,7 +72,7 @@ def random_components(p: fmt.LayerProfile, n: int, k: int, seed: int, device: st
         signs=signs(n, k),
         # Positive scales of a trained layer's order of magnitude; distinct per slot so a
         # wrong slot shows up.
-        scale=(torch.rand(n, nb, p.num_slots, generator=g) * 0.1 + 0.01).half(),
+        scale=(torch.rand(n, nb, p.num_slots, generator=g) * 0.1 + 0.01).to(p.scale_torch_dtype),
         zone=torch.randint(0, p.num_groups, (n, k), generator=g).to(torch.uint8) if p.zone_bits else None,
         residual=signs(n, nb, p.salient) if p.salient else None,
         perm=torch.cat([torch.randperm(b, generator=g) for _ in range(nb)]) if p.has_perm else None,

@@ -275,7 +275,33 @@ CASES = [
     ("arb-rc", {"column_group_bitmap": False, "salient_columns": 9}, "b64-z1-s{s}-rc"),
     ("billm", {"salient_columns": 0}, "b64-z1-mu"),
     ("arb-rc", {"salient_columns": 0}, "b64-z1-rc"),
+    ("arb-rc", {"scale_dtype": "float8_e4m3fn"}, "b64-z1-s{s}g-rc-e4m3"),
 ]
+
+
+@pytest.mark.parametrize("method", ["arb-rc", "sab"])
+def test_float8_row_scales_cost_little_output_error(method):
+    """e4m3 row scales (normalized per plane, column scales refitted) keep the layer's output
+    error within 10 % of the float16-scale fit, and every stored row scale is e4m3."""
+    from vllm_sab.calibrate.methods import get_method
+    from vllm_sab.calibrate.layerwise import StatsAccumulator
+
+    n, k = 48, 256
+    w = outlier_weight(n, k)
+    x = correlated_inputs(k, 1024)
+    acc = StatsAccumulator(k, torch.device("cpu"))
+    acc.add(x, torch.zeros(len(x), dtype=torch.bool), torch.ones(len(x), dtype=torch.bool))
+    st = acc.finish()
+    err = {}
+    for dt in ("float16", "float8_e4m3fn"):
+        comp = get_method(method, block_size=64, iterations=4, scale_dtype=dt).quantize(w, st)
+        comp.check()
+        assert comp.scale.dtype == comp.profile.scale_torch_dtype
+        q = dequantize(pack(comp), comp.profile)
+        err[dt] = float(torch.linalg.norm((w - q) @ x.T))
+    assert err["float8_e4m3fn"] <= 1.10 * err["float16"], err
+    with pytest.raises(ValueError, match="scale_dtype must be one of"):
+        get_method(method, scale_dtype="e5m2")
 
 
 @pytest.mark.parametrize("name,opts,key", CASES)

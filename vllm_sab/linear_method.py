@@ -11,6 +11,7 @@ row-parallel layers slice them along K.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -46,6 +47,8 @@ class SabLinearMethod(LinearMethodBase):
 
     def __init__(self, profile: fmt.LayerProfile, prefix: str) -> None:
         self.profile = profile
+        # What the kernels read: float8 row scales are widened to float16 once at load.
+        self.serving_profile = dataclasses.replace(profile, scale_dtype="float16")
         self.prefix = prefix
 
     def create_weights(
@@ -123,20 +126,28 @@ class SabLinearMethod(LinearMethodBase):
             if missing:
                 which = "" if missing == {None} else f" (shards {sorted(map(str, missing))})"
                 raise fmt.FormatError(f"{self.prefix}: tensor '{name}' missing from the checkpoint{which}")
-        fmt.validate({name: getattr(layer, name).data for name in specs}, self.profile, n, k, where=self.prefix)
+        scale = layer._parameters[fmt.SCALE]
+        # A reload copies the checkpoint's float8 scales into the float16 parameter the first
+        # load left (exactly: float16 holds every e4m3 value), so check against either.
+        loaded_as = self.profile if scale.dtype == self.profile.scale_torch_dtype else self.serving_profile
+        fmt.validate({name: getattr(layer, name).data for name in specs}, loaded_as, n, k, where=self.prefix)
+        if scale.dtype != torch.float16:
+            # The kernels read float16 row scales; e4m3 -> float16 is exact. In memory the
+            # layer then holds float16 scales (the checkpoint keeps its float8 ones).
+            scale.data = scale.data.to(torch.float16)
         # Start the next load from scratch: an in-place weight reload (vLLM's reload_weights)
         # runs the loaders and this method again, and must see what that load provided.
         layer.sab_loaded = defaultdict(set)
         layer.sab_meta_counted = set()
         # The kernel is chosen once per layer, here, not per call (vllm_sab.kernels.chooser).
         layer.sab_kernel = ops.choose_kernel(
-            layer._parameters[fmt.PACKED].device, self.params_dtype, self.profile, where=self.prefix
+            layer._parameters[fmt.PACKED].device, self.params_dtype, self.serving_profile, where=self.prefix
         )
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """y = x W_hat^T (+ bias) through the ``sab::linear`` custom op."""
         tensors = {name: getattr(layer, name) for name in self.tensor_names}
-        y = ops.linear(x, tensors, self.profile, layer.sab_kernel)
+        y = ops.linear(x, tensors, self.serving_profile, layer.sab_kernel)
         return y if bias is None else y + bias
 
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_sab.format import LayerProfile
+from vllm_sab.format import SCALE_DTYPES, LayerProfile
 
 from .base import CalibrationStats
-from .binarize import ZoneFit, arb_refine, arb_x_refine, rc_refine, rc_round_col_scales
+from .binarize import ZoneFit, arb_refine, arb_x_refine, rc_refine, rc_round_col_scales, rc_round_row_scales_fp8
 from .blockwise import BlockContext, BlockFit, BlockwiseMethod, BlockwiseOptions, break_point_search
 
 __all__ = ["ARBOptions", "ARBRCMethod", "ARBXMethod"]
@@ -38,6 +38,29 @@ class ARBOptions(BlockwiseOptions):
         if not (isinstance(self.iterations, int) and self.iterations >= 0):
             raise ValueError(f"iterations must be an int >= 0, got {self.iterations!r}")
         self._set("column_group_bitmap", bool(self.column_group_bitmap))
+
+
+@dataclass(frozen=True)
+class RCOptions(ARBOptions):
+    """Options of ARB-RC (and of the SAB family built on it).
+
+    Attributes:
+        block_size, percdamp, salient_columns, max_salient, iterations,
+            column_group_bitmap: see :class:`ARBOptions`.
+        scale_dtype: storage dtype of the row scales, ``"float16"`` or
+            ``"float8_e4m3fn"`` (:func:`~.binarize.rc_round_row_scales_fp8`; half
+            the row-scale bits, the column scales carry the magnitude).
+
+    Raises:
+        ValueError: an unknown ``scale_dtype``; as ``ARBOptions``.
+    """
+
+    scale_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
 
 class _ARBBase(BlockwiseMethod):
@@ -199,11 +222,13 @@ class ARBRCMethod(_ARBBase):
     """
 
     name = "arb-rc"
+    Options = RCOptions
 
     def _profile(self, salient: int) -> LayerProfile:
-        """``zone_bits=1, salient=s, salient_zoned=CGB, col_scale=True``."""
+        """``zone_bits=1, salient=s, salient_zoned=CGB, col_scale=True``, row scales in ``scale_dtype``."""
         return LayerProfile(
-            block_size=self.block_size, zone_bits=1, salient=salient, salient_zoned=self._zoned(salient), col_scale=True
+            block_size=self.block_size, zone_bits=1, salient=salient, salient_zoned=self._zoned(salient),
+            col_scale=True, scale_dtype=self.scale_dtype,
         )
 
     def _element_weights(
@@ -236,6 +261,8 @@ class ARBRCMethod(_ARBBase):
         masks, orders = self._zones(target, salient, ctx)
         fits: list[ZoneFit] = []
         for m, o in zip(masks, orders):
-            fit = rc_refine(w, m, o, self.iterations, weight=omega)
-            fits.append(rc_round_col_scales(w, m, fit, omega))
+            fit = rc_round_col_scales(w, m, rc_refine(w, m, o, self.iterations, weight=omega), omega)
+            if self.scale_dtype == "float8_e4m3fn":
+                fit = rc_round_row_scales_fp8(w, m, fit, omega)
+            fits.append(fit)
         return BlockFit(salient, masks, fits)

@@ -31,7 +31,7 @@ import torch
 from vllm_sab.format import BinaryComponents, LayerProfile, compose, tensor_specs
 
 from .base import CalibrationStats, Method, MethodOptions
-from .binarize import ZoneFit, linear_quantiles, residual_binarize, residual_sse, to_fp16
+from .binarize import ZoneFit, linear_quantiles, residual_binarize, residual_sse, to_fp16, to_scale_dtype
 from .hessian import damped_inverse_cholesky_upper, prepare_hessian
 
 __all__ = [
@@ -388,7 +388,8 @@ def assemble_block(profile: LayerProfile, fit: BlockFit) -> BinaryComponents:
     Slots (section 3.3): plane 0 of zone ``z`` in slot ``z``, plane 1 of salient
     zone ``z`` in slot ``Z + z - n_ns``. Row scales go to ``scale[:, 0, slot]``,
     column scales to ``col_scale[slot]``, means to ``offset[:, 0, z]``, all
-    rounded to fp16 (:func:`~.binarize.to_fp16`).
+    rounded to fp16 (:func:`~.binarize.to_fp16`; the row scales to the profile's
+    ``scale_dtype``, :func:`~.binarize.to_scale_dtype`).
 
     Args:
         profile: the layer profile (``block_size`` = the fit's ``B``).
@@ -449,7 +450,7 @@ def assemble_block(profile: LayerProfile, fit: BlockFit) -> BinaryComponents:
     comp = BinaryComponents(
         profile=p,
         signs=sign0[:, order].to(torch.int8).contiguous(),
-        scale=to_fp16(scale).view(n, 1, t),
+        scale=to_scale_dtype(scale, p.scale_torch_dtype).view(n, 1, t),
         zone=zone[:, order].contiguous() if p.zone_bits else None,
         residual=residual,
         perm=perm,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .arb import ARBOptions, ARBRCMethod
+from .arb import ARBRCMethod, RCOptions
 from .base import CalibrationStats
 from .blockwise import BlockwiseResult
 from .significance import (
@@ -31,12 +31,12 @@ _MIN_WEIGHT = 1e-3
 
 
 @dataclass(frozen=True)
-class SABOptions(ARBOptions):
+class SABOptions(RCOptions):
     """Options of SAB-LVLM (and of ``atv-prune+sab``, which refines them).
 
     Attributes:
         block_size, percdamp, salient_columns, max_salient, iterations,
-            column_group_bitmap: see :class:`~.arb.ARBOptions`.
+            column_group_bitmap, scale_dtype: see :class:`~.arb.RCOptions`.
         salient_top_p: fraction of weights salient per modality (in (0, 1]; 0.05).
         diff_quantile: partition threshold quantile (in [0, 1]; 0.5).
         significance: one of :data:`SIGNIFICANCE_VARIANTS`.
@@ -45,7 +45,7 @@ class SABOptions(ARBOptions):
             Frobenius loss of the figure; 1: Lambda used directly).
 
     Raises:
-        ValueError: an option out of range or unknown; as ``ARBOptions``.
+        ValueError: an option out of range or unknown; as ``RCOptions``.
     """
 
     salient_top_p: float = 0.05

@@ -49,6 +49,7 @@ from vllm_sab.format.layout import (
     RESIDUAL,
     SAFETENSORS_DTYPE,
     SCALE,
+    SCALE_DTYPES,
     SUPPORTED_FORMAT_VERSIONS,
     WORD_BITS,
     ZONE,
@@ -64,7 +65,7 @@ from vllm_sab.format.layout import (
 
 __all__ = [
     "ALL_SUFFIXES", "COL_SCALE", "FORMAT_VERSION", "MAX_ZONE_BITS", "OFFSET", "PACKED", "PERM",
-    "QUANT_METHOD", "RESIDUAL", "SAFETENSORS_DTYPE", "SCALE", "SUPPORTED_FORMAT_VERSIONS",
+    "QUANT_METHOD", "RESIDUAL", "SAFETENSORS_DTYPE", "SCALE", "SCALE_DTYPES", "SUPPORTED_FORMAT_VERSIONS",
     "WORD_BITS", "ZONE",
     "FormatError", "LayerProfile", "TensorSpec", "bits_by_tensor", "paper_weight_bits", "tensor_specs",
     "true_bits_per_weight", "validate",

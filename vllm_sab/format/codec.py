@@ -47,7 +47,8 @@ class BinaryComponents:
     Attributes:
         profile: storage profile.
         signs: int8 ``[N, K]``, values in {-1, +1}: sign plane 0.
-        scale: float16 ``[N, K/B, T]``: row scales per (row, block, slot).
+        scale: float16 (the profile's ``scale_dtype``) ``[N, K/B, T]``: row scales per
+            (row, block, slot).
         zone: uint8 ``[N, K]`` zone index in ``[0, G)``, or None if
             ``zone_bits == 0``. For salient positions of a profile that is not
             ``salient_zoned`` it is stored but not used.
@@ -87,7 +88,7 @@ class BinaryComponents:
         nb = k // p.block_size
         expect: dict[str, tuple[bool, torch.dtype, tuple[int, ...]]] = {
             "signs": (True, torch.int8, (n, k)),
-            "scale": (True, torch.float16, (n, nb, p.num_slots)),
+            "scale": (True, p.scale_torch_dtype, (n, nb, p.num_slots)),
             "zone": (p.zone_bits > 0, torch.uint8, (n, k)),
             "residual": (p.salient > 0, torch.int8, (n, nb, p.salient)),
             "perm": (p.has_perm, torch.int64, (k,)),

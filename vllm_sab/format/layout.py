@@ -20,10 +20,12 @@ suffix              dtype        shape                       present when
 ``weight_zone``     int32        ``[N, zone_bits, K/32]``    ``zone_bits > 0``
 ``weight_residual`` uint8        ``[N, nb, ceil(s/8)]``      ``s > 0`` (sign plane 1)
 ``weight_perm``     int16        ``[K]``                     ``0 < s < B``
-``weight_scale``    float16      ``[N, nb, T]``              always (row scales)
+``weight_scale``    float16 [*]  ``[N, nb, T]``              always (row scales)
 ``weight_col_scale`` float16     ``[T, K]``                  ``col_scale``
 ``weight_offset``   float16      ``[N, nb, Z]``              ``offset``
 ==================  ===========  ==========================  ==========================
+
+[*] float8_e4m3fn when the profile's ``scale_dtype`` says so (only with ``col_scale``).
 
 Bits are LSB-first along K in every storage word: bit ``j`` of word ``w`` holds
 stored column ``32 w + j`` (``8 w + j`` for the uint8 residual). A set sign bit
@@ -80,7 +82,11 @@ SAFETENSORS_DTYPE = {
     torch.uint8: "U8",
     torch.int16: "I16",
     torch.float16: "F16",
+    torch.float8_e4m3fn: "F8_E4M3",
 }
+
+# Row-scale storage dtypes a profile may name (``LayerProfile.scale_dtype``).
+SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 class FormatError(ValueError):
@@ -108,6 +114,10 @@ class LayerProfile:
             (ARB-LLM's column-group bitmap) or they form one zone (BiLLM).
         col_scale: per-(slot, input column) scales ``a_c`` (ARB-RC, SAB).
         offset: per-(row, block, zone) additive offset ``mu`` (BiLLM, ARB-X).
+        scale_dtype: storage dtype of the row scales ``weight_scale``: ``"float16"``
+            (default) or ``"float8_e4m3fn"`` (half the bits; needs ``col_scale``, whose
+            per-column scales carry the magnitude so that the row scales can be
+            normalized into e4m3's range). Omitted from :meth:`to_dict` when float16.
 
     Raises:
         FormatError: on an inconsistent combination.
@@ -119,6 +129,7 @@ class LayerProfile:
     salient_zoned: bool = False
     col_scale: bool = False
     offset: bool = False
+    scale_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "zone_bits", "salient"):
@@ -137,6 +148,10 @@ class LayerProfile:
             raise FormatError(f"salient must be in 0..block_size={b}, got {self.salient!r}")
         if self.salient_zoned and (self.zone_bits == 0 or self.salient == 0):
             raise FormatError("salient_zoned needs zone_bits > 0 and salient > 0")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise FormatError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.scale_dtype != "float16" and not self.col_scale:
+            raise FormatError(f"scale_dtype {self.scale_dtype!r} needs col_scale (the column scales carry the magnitude)")
 
     # ---- derived sizes -------------------------------------------------------------
     @property
@@ -186,11 +201,22 @@ class LayerProfile:
             parts.append("rc")
         if self.offset:
             parts.append("mu")
+        if self.scale_dtype == "float8_e4m3fn":
+            parts.append("e4m3")
         return "-".join(parts)
 
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        """torch dtype of ``weight_scale``."""
+        return SCALE_DTYPES[self.scale_dtype]
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (the ``profiles`` entries of ``quantization_config``)."""
-        return asdict(self)
+        """JSON-ready dict (the ``profiles`` entries of ``quantization_config``); the
+        default ``scale_dtype`` is left out, so float16 profiles read as before."""
+        d = asdict(self)
+        if d["scale_dtype"] == "float16":
+            del d["scale_dtype"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "profile") -> "LayerProfile":
@@ -254,7 +280,7 @@ def tensor_specs(profile: LayerProfile, n: int, k: int) -> dict[str, TensorSpec]
         specs[RESIDUAL] = TensorSpec(torch.uint8, (n, nb, profile.residual_bytes), 0, 1, b)
     if profile.has_perm:
         specs[PERM] = TensorSpec(torch.int16, (k,), None, 0, 1)
-    specs[SCALE] = TensorSpec(torch.float16, (n, nb, profile.num_slots), 0, 1, b)
+    specs[SCALE] = TensorSpec(profile.scale_torch_dtype, (n, nb, profile.num_slots), 0, 1, b)
     if profile.col_scale:
         specs[COL_SCALE] = TensorSpec(torch.float16, (profile.num_slots, k), None, 1, 1)
     if profile.offset:
@@ -373,7 +399,7 @@ def validate(
         if PERM in tensors:
             _check_perm(tensors[PERM], profile.block_size, f"{where}")
         for name in (SCALE, COL_SCALE, OFFSET):
-            if name in tensors and not bool(torch.isfinite(tensors[name]).all()):
+            if name in tensors and not bool(torch.isfinite(tensors[name].float()).all()):
                 raise FormatError(f"{where}.{name}: contains NaN or Inf")
 
 
