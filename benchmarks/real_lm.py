@@ -135,6 +135,7 @@ def calibrate(model: Path, corpus: Path, out: Path, method: str, block: int, opt
     for key, value in options.items():
         cmd += ["--option", f"{key}={value}"]
     log = out.with_name(out.name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})

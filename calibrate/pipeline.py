@@ -448,6 +448,13 @@ class _Results:
         for name, tensors in self.packed.items():
             state.pop(f"{name}.weight", None)
             state.update({f"{name}.{s}": t for s, t in tensors.items()})
+        # Tied embeddings (SmolLM2, Qwen2-VL-2B ...) are one tensor under two names; the
+        # checkpoint must keep the input embedding's, which transformers and vLLM load
+        # (vLLM skips lm_head.* when tie_word_embeddings). The safetensors writer would
+        # otherwise keep whichever name sorts first: lm_head.weight.
+        tied = _tied_output_embedding(hf)
+        if tied is not None:
+            state.pop(tied, None)
         return state
 
     def mark(self) -> int:
@@ -575,6 +582,15 @@ def _dense_group(group, new_weight: torch.Tensor, weight: torch.Tensor, stats, s
             )
         _set_weight(lin, w_new)
         results.add_dense(name, w_new.to(lin.weight.dtype), report)
+
+
+def _tied_output_embedding(hf: nn.Module) -> str | None:
+    """State-dict name of the output embedding's weight when it is the input embedding's
+    tensor (tied), else None."""
+    out, inp = hf.get_output_embeddings(), hf.get_input_embeddings()
+    if out is None or inp is None or out.weight.data_ptr() != inp.weight.data_ptr():
+        return None
+    return next(f"{name}.weight" for name, mod in hf.named_modules() if mod is out)
 
 
 def data_fingerprint(samples) -> str:

@@ -306,3 +306,29 @@ def test_resume_refuses_other_data_and_other_data_settings(tiny_vlm, tmp_path, m
     with pytest.raises(ResumeError, match=r"data_fingerprint; the calibration samples .* are not the ones"):
         calibrate(model, tmp_path / "o", resume=True, **run)
     assert (tmp_path / "o.partial").is_dir() and not (tmp_path / "o").exists()
+
+
+def test_tied_embeddings_are_saved_under_the_input_embedding_name(tmp_path):
+    """A model with tied embeddings (SmolLM2, Qwen2-VL-2B): the checkpoint stores the one
+    tensor as embed_tokens (what transformers and vLLM load), not as lm_head.weight, and
+    the dequantized model's logits equal the full-precision model's for the sign method's
+    unquantized parts (embedding and head are never quantized)."""
+    from tiny_models import _init_weights, build_tiny_tokenizer, llava_parts, save_vlm
+
+    from vllm_sab.calibrate.reference_model import load_dequantized
+    from vllm_sab.format import read_safetensors_headers
+
+    tok = build_tiny_tokenizer("llava")
+    cls, config, processor = llava_parts(tok, text={"tie_word_embeddings": True})
+    config.tie_word_embeddings = True
+    model = cls(config)
+    _init_weights(model, 3)
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    src = save_vlm(model.eval(), tmp_path / "tied", arch="llava", processor=processor)
+    ckpt = calibrate(src, tmp_path / "sab", method="sign", progress=False)
+    names = read_safetensors_headers(ckpt)
+    assert "model.language_model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    deq = load_dequantized(ckpt, torch.float32)
+    assert torch.equal(deq.lm_head.weight, deq.get_input_embeddings().weight)
+    assert torch.equal(deq.get_input_embeddings().weight, model.get_input_embeddings().weight.float())
