@@ -59,6 +59,10 @@ class Kernel:
     run: Runner
 
 
+# The compiled kernels read float16 row scales; the vLLM plugin widens float8 ones at load.
+_WIDEN = "row scales are float8: widen them to float16 first (the vLLM plugin does at load)"
+
+
 def _native(isa: str) -> Kernel:
     def can_implement(device: torch.device, dtype: torch.dtype, profile: fmt.LayerProfile, m: int):
         if device.type != "cpu":
@@ -70,6 +74,8 @@ def _native(isa: str) -> Kernel:
             return False, f"native CPU kernels did not build: {why}"
         if isa not in _cpu.available_isas():
             return False, f"this CPU lacks {isa} (has {', '.join(_cpu.available_isas())})"
+        if profile.scale_dtype != "float16":
+            return False, _WIDEN
         return True, ""
 
     def run(x, tensors, profile):
@@ -85,6 +91,8 @@ def _triton_can_implement(device, dtype, profile, m):
         return False, "Triton is not importable, or the device is not CUDA and TRITON_INTERPRET != 1"
     from .triton_kernel import can_implement
 
+    if profile.scale_dtype != "float16":
+        return False, _WIDEN
     return can_implement(device, dtype, profile, m)
 
 

@@ -242,3 +242,25 @@ def test_chooser_on_a_cpu_without_avx512(monkeypatch, layers, has, want):
     y_ref = x.double() @ w_ref.t()
     err = (kernel.run(x, t, p).double() - y_ref).abs()
     assert bool((err <= _bound(x, w_ref, y_ref, torch.float32, 0.0)).all())
+
+
+def test_float8_row_scales_go_to_the_reference_unless_widened():
+    """The compiled kernels read float16 row scales: a float8 profile falls back to the torch
+    reference (exact), and the same layer widened to float16 runs natively with the same result."""
+    import dataclasses
+
+    from test_kernels import random_layer
+
+    p = fmt.LayerProfile(block_size=64, zone_bits=1, salient=8, salient_zoned=True, col_scale=True,
+                         scale_dtype="float8_e4m3fn")
+    t = random_layer(p, 32, 128, seed=5)
+    assert chooser.choose("cpu", torch.float32, p, 1).name == "torch"
+    ok, why = chooser.BY_NAME["cpu-scalar"].can_implement(torch.device("cpu"), torch.float32, p, 1)
+    assert not ok and "float8" in why
+    wide = dataclasses.replace(p, scale_dtype="float16")
+    tw = dict(t, weight_scale=t["weight_scale"].to(torch.float16))
+    assert chooser.choose("cpu", torch.float32, wide, 1).name.startswith("cpu-")
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ ref_dequantize(t, p).double().T
+    torch.testing.assert_close(ops.linear(x, t, p).double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.linear(x, tw, wide).double(), ref, rtol=1e-5, atol=1e-5)

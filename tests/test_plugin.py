@@ -62,14 +62,14 @@ def _sab_config(profile, modules: dict[str, tuple[int, int]]):
 
 @pytest.fixture
 def fake_tp(monkeypatch):
-    """``fake_tp(rank)``: vLLM's linear layers and parameters see tensor-parallel size 2 and ``rank``."""
+    """``fake_tp(rank, world=2)``: vLLM's linear layers and parameters see tensor-parallel size ``world`` and ``rank``."""
     import vllm.model_executor.layers.linear as linear
     import vllm.model_executor.parameter as parameter
 
-    def set_rank(rank: int) -> None:
+    def set_rank(rank: int, world: int = 2) -> None:
         for mod in (linear, parameter):
             monkeypatch.setattr(mod, "get_tensor_model_parallel_rank", lambda: rank)
-            monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: 2)
+            monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: world)
 
     return set_rank
 
@@ -210,3 +210,36 @@ def test_bf16_layer_is_refused_on_a_turing_gpu(fake_tp, monkeypatch):
     with pytest.raises(ValueError, match=r"down_proj: sab's Triton kernel needs compute capability 8\.0"):
         RowParallelLinear(2 * BLOCK, 64, bias=False, quant_config=cfg, prefix=prefix, params_dtype=torch.bfloat16)
     RowParallelLinear(2 * BLOCK, 64, bias=False, quant_config=cfg, prefix=prefix, params_dtype=torch.float16)
+
+
+def test_float8_row_scales_are_widened_once_at_load_and_survive_a_reload(fake_tp):
+    """An e4m3 row-scale layer allocates a float8 weight_scale, loads it, and after
+    process_weights_after_loading holds the same values in float16 (what the kernels read);
+    a reload copies the checkpoint's float8 scales into that float16 parameter and is
+    accepted; y equals x W_hat^T throughout."""
+    import dataclasses
+
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    from test_kernels import random_layer
+
+    n, k = 32, 2 * BLOCK
+    profile = fmt.LayerProfile(block_size=BLOCK, zone_bits=1, salient=8, salient_zoned=True, col_scale=True,
+                               scale_dtype="float8_e4m3fn")
+    tensors = random_layer(profile, n, k, seed=2)
+    prefix = "model.layers.0.self_attn.o_proj"
+    fake_tp(0, world=1)
+    layer = RowParallelLinear(k, n, bias=False, quant_config=_sab_config(profile, {prefix: (n, k)}), prefix=prefix)
+    assert layer.weight_scale.dtype == torch.float8_e4m3fn
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
+    w_hat = fmt.dequantize(tensors, profile)
+    for _ in range(2):  # load, then reload
+        for name, t in tensors.items():
+            param = getattr(layer, name)
+            param.weight_loader(param, t)
+        layer.quant_method.process_weights_after_loading(layer)
+        assert layer.weight_scale.dtype == torch.float16
+        assert torch.equal(layer.weight_scale.data, tensors[fmt.SCALE].to(torch.float16))
+        assert layer.sab_kernel.startswith("cpu-")
+        torch.testing.assert_close(layer.quant_method.apply(layer, x), x @ w_hat.T, rtol=1e-5, atol=1e-5)
+    assert dataclasses.replace(profile, scale_dtype="float16") == layer.quant_method.serving_profile
