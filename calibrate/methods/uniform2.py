@@ -12,7 +12,7 @@ from vllm_sab.format import BinaryComponents, LayerProfile, tensor_specs
 from .base import CalibrationStats, Method, MethodOptions
 from .hessian import damped_inverse_cholesky_upper, prepare_hessian
 
-__all__ = ["Uniform2Method", "uniform2_profile", "gptq_uniform2", "gptq_columns"]
+__all__ = ["Uniform2Method", "uniform2_profile", "gptq_uniform2", "gptq_columns", "gptq_setup"]
 
 
 def uniform2_profile(block_size: int = 128) -> LayerProfile:
@@ -69,6 +69,46 @@ def _codes(w: torch.Tensor, a0: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     q = torch.round(x).clamp(0, 3)
     q = torch.where(delta > 0, q, torch.full_like(q, 2.0))
     return q.to(torch.int64)
+
+
+def gptq_setup(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    profile: LayerProfile,
+    percdamp: float,
+    where: str,
+    info: dict | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a GPTQ layer and factor its Hessian: ``(w, U)``.
+
+    Args:
+        weight: float ``[N, K]``; hessian: float32 ``[K, K]``; profile: the storage profile
+            (its block size must divide ``K``); percdamp: relative damping; where: layer
+            name for errors; info: if given, receives ``"percdamp"``, the damping used.
+
+    Returns:
+        ``w``: float32 ``[N, K]`` copy with dead input columns zeroed
+        (``prepare_hessian``), ``U``: float32 ``[K, K]`` upper Cholesky factor of
+        ``(H + lambda I)^-1``.
+
+    Raises:
+        FormatError: ``K`` is not a multiple of the block size.
+        ValueError: ``weight`` is not 2-D or has NaN/Inf, ``hessian`` is not ``[K, K]``.
+        HessianError: ``H`` cannot be inverted even with extra damping.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    tensor_specs(profile, n, k)  # FormatError for a bad K
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"{where}: hessian has shape {tuple(hessian.shape)}, expected [{k}, {k}]")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{where}: the weight has NaN/Inf entries")
+    h, w = prepare_hessian(hessian.float(), weight.float())
+    u, used = damped_inverse_cholesky_upper(h, percdamp, where)  # U^T U = (H + lambda I)^-1
+    if info is not None:
+        info["percdamp"] = used
+    return w, u
 
 
 def gptq_columns(
@@ -150,20 +190,9 @@ def gptq_uniform2(
         HessianError: ``H`` cannot be inverted even with extra damping.
     """
     profile = uniform2_profile(block_size)
-    if weight.dim() != 2:
-        raise ValueError(f"{where}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    tensor_specs(profile, n, k)  # FormatError for a bad K
-    if tuple(hessian.shape) != (k, k):
-        raise ValueError(f"{where}: hessian has shape {tuple(hessian.shape)}, expected [{k}, {k}]")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError(f"{where}: the weight has NaN/Inf entries")
+    w, u = gptq_setup(weight, hessian, profile, percdamp, where, info)
+    n, k = w.shape
     b, nb = block_size, k // block_size
-
-    h, w = prepare_hessian(hessian.float(), weight.float())
-    u, used = damped_inverse_cholesky_upper(h, percdamp, where)  # U^T U = (H + lambda I)^-1
-    if info is not None:
-        info["percdamp"] = used
 
     scale = torch.empty(n, nb, 2, dtype=torch.float16, device=w.device)
     offset = torch.empty(n, nb, 1, dtype=torch.float16, device=w.device)

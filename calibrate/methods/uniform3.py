@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from vllm_sab.format import BinaryComponents, LayerProfile, tensor_specs
+from vllm_sab.format import BinaryComponents, LayerProfile
 
 from .base import CalibrationStats
-from .hessian import damped_inverse_cholesky_upper, prepare_hessian
-from .uniform2 import Uniform2Method, gptq_columns
+from .uniform2 import Uniform2Method, gptq_columns, gptq_setup
 
 __all__ = ["Uniform3Method", "uniform3_profile", "gptq_uniform3"]
 
@@ -83,19 +82,9 @@ def gptq_uniform3(
         HessianError: ``H`` cannot be inverted even with extra damping.
     """
     profile = uniform3_profile(block_size)
-    if weight.dim() != 2:
-        raise ValueError(f"{where}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    tensor_specs(profile, n, k)  # FormatError for a bad K
-    if tuple(hessian.shape) != (k, k):
-        raise ValueError(f"{where}: hessian has shape {tuple(hessian.shape)}, expected [{k}, {k}]")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError(f"{where}: the weight has NaN/Inf entries")
+    w, u = gptq_setup(weight, hessian, profile, percdamp, where, info)
+    n, k = w.shape
     nb = k // block_size
-    h, w = prepare_hessian(hessian.float(), weight.float())
-    u, used = damped_inverse_cholesky_upper(h, percdamp, where)
-    if info is not None:
-        info["percdamp"] = used
 
     scale = torch.empty(n, nb, 4, dtype=torch.float16, device=w.device)
     offset = torch.empty(n, nb, 2, dtype=torch.float16, device=w.device)
