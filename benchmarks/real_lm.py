@@ -55,6 +55,9 @@ RUNS: list[tuple[str, str, int, dict[str, str]]] = [
     ("sab-B192", "sab", 192, {}),
     ("sab-B64", "sab", 64, {}),
     ("sab-B64-noCGB", "sab", 64, {"column_group_bitmap": "false"}),
+    # Row scales in float8 e4m3 (format scale_dtype): half the row-scale bits.
+    ("sab-B64-e4m3", "sab", 64, {"scale_dtype": "float8_e4m3fn"}),
+    ("sab-B192-e4m3", "sab", 192, {"scale_dtype": "float8_e4m3fn"}),
     ("bivlm-B192", "bivlm", 192, {}),
     ("uniform2-B192", "uniform2", 192, {}),
     ("uniform2-B64", "uniform2", 64, {}),
@@ -199,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in RUNS if not args.only or r[0] in args.only.split(",")]
     json_path = args.out.with_suffix(".json")
     rows: dict[str, dict] = {}
+    earlier: list[dict] = []  # the invocations whose rows are kept: command and seconds
     if args.keep_results and json_path.is_file():
-        rows = {r["name"]: r for r in json.loads(json_path.read_text())["rows"]}
+        old = json.loads(json_path.read_text())
+        rows = {r["name"]: r for r in old["rows"]}
+        earlier = old["meta"].get("invocations") or [
+            {"command": old["meta"]["command"], "seconds": old["meta"].get("total_seconds", 0.0)}
+        ]
     command = "python benchmarks/real_lm.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv or sys.argv[1:]))
     meta = {
         "command": command,
@@ -213,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
 
+    def finish_meta() -> None:
+        # The table's whole run is every invocation that produced its rows.
+        meta["invocations"] = earlier + [{"command": command, "seconds": time.perf_counter() - t_start}]
+        meta["total_seconds"] = sum(i["seconds"] for i in meta["invocations"])
+
     def write() -> None:
         ordered = sorted(rows.values(), key=lambda r: (r["name"] != "full precision", r["true_bits"], r["name"]))
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,11 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         _plot(ordered, args.out.with_suffix(".png"))
 
     if "full precision" not in rows or not args.keep_results:
+        t0 = time.perf_counter()
         hf = load_fp(args.model)
         ppl, count = perplexity(hf, windows)
         rows["full precision"] = {"name": "full precision", "method": "-", "block_size": None, "options": {},
                                   "true_bits": 32.0, "paper_bits": 32.0, "ppl": ppl, "tokens": count,
-                                  "note": "float32 values of the Q4_1 GGUF (4-bit weights, 5 true bits as shipped)"}
+                                  "note": "float32 values of the Q4_1 GGUF (4-bit weights, 5 true bits as shipped)",
+                                  "eval_seconds": time.perf_counter() - t0}
         del hf
         print(f"full precision: ppl {ppl:.2f} over {count} tokens", flush=True)
     for name, method, block, options in runs:
@@ -245,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             "eval_seconds": time.perf_counter() - t0,
         }
         print(f"{name}: ppl {ppl:.2f}, {s['true_bits_per_weight']:.3f} true bits, calibration {cal['seconds']:.0f} s", flush=True)
-        meta["total_seconds"] = time.perf_counter() - t_start
+        finish_meta()
         write()
-    meta["total_seconds"] = time.perf_counter() - t_start
+    finish_meta()
     write()
     print(f"wrote {json_path} ({meta['total_seconds'] / 60:.1f} min)")
     return 0
@@ -277,7 +292,11 @@ def _table(rows: list[dict], meta: dict) -> str:
         "",
         f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: perplexity over "
         f"{meta['evaluation']} ({meta['corpus']}, files disjoint from calibration). {meta['threads']} CPU threads, "
-        f"torch {meta['torch']}. Whole run: {meta.get('total_seconds', 0) / 60:.1f} min. "
+        f"torch {meta['torch']}. Whole run: {meta.get('total_seconds', 0) / 60:.1f} min"
+        + (f" over {len(meta['invocations'])} invocations ("
+           + "; ".join(f"`{i['command']}` {i['seconds'] / 60:.1f} min" for i in meta["invocations"]) + ")"
+           if len(meta.get("invocations", [])) > 1 else "")
+        + ". "
         "Pareto: no other method reaches a lower perplexity at fewer or equal true bits.",
         "",
         "| run | method | B | true bits/weight | papers' bits | perplexity | Pareto | layer output error | "
