@@ -55,6 +55,9 @@ RUNS: list[tuple[str, str, int, dict[str, str]]] = [
     ("sab-B192", "sab", 192, {}),
     ("sab-B64", "sab", 64, {}),
     ("sab-B64-noCGB", "sab", 64, {"column_group_bitmap": "false"}),
+    # Row scales in float8 e4m3 (format scale_dtype): half the row-scale bits.
+    ("sab-B64-e4m3", "sab", 64, {"scale_dtype": "float8_e4m3fn"}),
+    ("sab-B192-e4m3", "sab", 192, {"scale_dtype": "float8_e4m3fn"}),
     ("bivlm-B192", "bivlm", 192, {}),
     ("uniform2-B192", "uniform2", 192, {}),
     ("uniform2-B64", "uniform2", 64, {}),
@@ -123,6 +126,22 @@ def bits_breakdown(ckpt: Path) -> dict[str, float]:
     return {TENSOR_LABELS[s]: v / n_weights for s, v in total.items()}
 
 
+def layer_output_error(ckpt: Path) -> dict[str, float] | None:
+    """Mean relative output error ``||X (W - W_hat)^T|| / ||X W^T||`` on the calibration
+    data by linear kind (``q_proj``, ..., ``down_proj``) and over all, from the checkpoint's
+    report, or None for a data-free method (its report has weight errors only)."""
+    layers = json.loads((ckpt / "sab_report.json").read_text())["layers"]
+    errs: dict[str, list[float]] = {}
+    for r in layers:
+        if "output_rel_error" in r:
+            errs.setdefault(r["name"].rsplit(".", 1)[-1], []).append(r["output_rel_error"])
+    if not errs:
+        return None
+    out = {kind: sum(v) / len(v) for kind, v in sorted(errs.items())}
+    out["all"] = sum(sum(v) for v in errs.values()) / sum(len(v) for v in errs.values())
+    return out
+
+
 def calibrate(model: Path, corpus: Path, out: Path, method: str, block: int, options: dict, args) -> dict:
     """Run sab-calibrate in its own process; wall seconds, peak RSS (MiB), report summary."""
     cmd = [
@@ -159,7 +178,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated run names (default: all of RUNS)")
     ap.add_argument("--keep-results", action="store_true", help="keep other runs' rows from the existing JSON")
     ap.add_argument("--out", type=Path, default=RESULTS / "real_lm")
+    ap.add_argument("--table-only", action="store_true",
+                    help="rewrite the Markdown and the plot from the JSON (no calibration)")
     args = ap.parse_args(argv)
+    if args.table_only:
+        data = json.loads(args.out.with_suffix(".json").read_text())
+        for r in data["rows"]:  # rows written before a column existed
+            ckpt = BUILD / "ckpt" / r["name"]
+            if "layer_output_error" not in r and r["name"] != "full precision" and ckpt.is_dir():
+                r["layer_output_error"] = layer_output_error(ckpt)
+        data["rows"].sort(key=lambda r: (r["name"] != "full precision", r["true_bits"], r["name"]))
+        args.out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(_table(data["rows"], data["meta"]))
+        _plot(data["rows"], args.out.with_suffix(".png"))
+        return 0
 
     from vllm_sab.calibrate.reference_model import load_dequantized
 
@@ -170,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in RUNS if not args.only or r[0] in args.only.split(",")]
     json_path = args.out.with_suffix(".json")
     rows: dict[str, dict] = {}
+    earlier: list[dict] = []  # the invocations whose rows are kept: command and seconds
     if args.keep_results and json_path.is_file():
-        rows = {r["name"]: r for r in json.loads(json_path.read_text())["rows"]}
+        old = json.loads(json_path.read_text())
+        rows = {r["name"]: r for r in old["rows"]}
+        earlier = old["meta"].get("invocations") or [
+            {"command": old["meta"]["command"], "seconds": old["meta"].get("total_seconds", 0.0)}
+        ]
     command = "python benchmarks/real_lm.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv or sys.argv[1:]))
     meta = {
         "command": command,
@@ -184,18 +221,26 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
 
+    def finish_meta() -> None:
+        # The table's whole run is every invocation that produced its rows.
+        meta["invocations"] = earlier + [{"command": command, "seconds": time.perf_counter() - t_start}]
+        meta["total_seconds"] = sum(i["seconds"] for i in meta["invocations"])
+
     def write() -> None:
-        ordered = sorted(rows.values(), key=lambda r: (r["true_bits"], r["name"]))
+        ordered = sorted(rows.values(), key=lambda r: (r["name"] != "full precision", r["true_bits"], r["name"]))
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(_table(ordered, meta))
         _plot(ordered, args.out.with_suffix(".png"))
 
     if "full precision" not in rows or not args.keep_results:
+        t0 = time.perf_counter()
         hf = load_fp(args.model)
         ppl, count = perplexity(hf, windows)
         rows["full precision"] = {"name": "full precision", "method": "-", "block_size": None, "options": {},
-                                  "true_bits": 32.0, "paper_bits": 32.0, "ppl": ppl, "tokens": count}
+                                  "true_bits": 32.0, "paper_bits": 32.0, "ppl": ppl, "tokens": count,
+                                  "note": "float32 values of the Q4_1 GGUF (4-bit weights, 5 true bits as shipped)",
+                                  "eval_seconds": time.perf_counter() - t0}
         del hf
         print(f"full precision: ppl {ppl:.2f} over {count} tokens", flush=True)
     for name, method, block, options in runs:
@@ -210,13 +255,14 @@ def main(argv: list[str] | None = None) -> int:
             "name": name, "method": method, "block_size": block, "options": options,
             "true_bits": s["true_bits_per_weight"], "paper_bits": s["paper_weight_bits"],
             "bits_by_tensor": bits_breakdown(out), "ppl": ppl, "tokens": count,
+            "layer_output_error": layer_output_error(out),
             "calib_seconds": cal["seconds"], "peak_rss_mib": cal["peak_rss_mib"],
             "eval_seconds": time.perf_counter() - t0,
         }
         print(f"{name}: ppl {ppl:.2f}, {s['true_bits_per_weight']:.3f} true bits, calibration {cal['seconds']:.0f} s", flush=True)
-        meta["total_seconds"] = time.perf_counter() - t_start
+        finish_meta()
         write()
-    meta["total_seconds"] = time.perf_counter() - t_start
+    finish_meta()
     write()
     print(f"wrote {json_path} ({meta['total_seconds'] / 60:.1f} min)")
     return 0
@@ -246,22 +292,35 @@ def _table(rows: list[dict], meta: dict) -> str:
         "",
         f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: perplexity over "
         f"{meta['evaluation']} ({meta['corpus']}, files disjoint from calibration). {meta['threads']} CPU threads, "
-        f"torch {meta['torch']}. Whole run: {meta.get('total_seconds', 0) / 60:.1f} min. "
+        f"torch {meta['torch']}. Whole run: {meta.get('total_seconds', 0) / 60:.1f} min"
+        + (f" over {len(meta['invocations'])} invocations ("
+           + "; ".join(f"`{i['command']}` {i['seconds'] / 60:.1f} min" for i in meta["invocations"]) + ")"
+           if len(meta.get("invocations", [])) > 1 else "")
+        + ". "
         "Pareto: no other method reaches a lower perplexity at fewer or equal true bits.",
         "",
-        "| run | method | B | true bits/weight | papers' bits | perplexity | Pareto | "
+        "| run | method | B | true bits/weight | papers' bits | perplexity | Pareto | layer output error | "
         + " | ".join(kinds) + " | calib. s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|---|",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|---|",
     ]
     for r in rows:
         bt = r.get("bits_by_tensor", {})
         lines.append(
             f"| {r['name']} | {r['method']} | {r['block_size'] or ''} | {r['true_bits']:.3f} | {r['paper_bits']:.3f} | "
             f"{r['ppl']:.2f} | {'yes' if r['name'] in front else ''} | "
+            f"{_fmt((r.get('layer_output_error') or {}).get('all'))} | "
             + " | ".join(f"{bt[k]:.3f}" if k in bt else "" for k in kinds)
-            + f" | {r.get('calib_seconds', 0):.0f} | {r.get('peak_rss_mib', 0):.0f} |"
+            + f" | {_fmt0(r.get('calib_seconds'))} | {_fmt0(r.get('peak_rss_mib'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def _fmt0(v: float | None) -> str:
+    return "" if v is None else f"{v:.0f}"
 
 
 def _plot(rows: list[dict], path: Path) -> None:

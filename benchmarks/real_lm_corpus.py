@@ -114,13 +114,15 @@ def is_eval_file(relpath: str) -> bool:
 
 
 def chunk_paragraphs(paragraphs: list[str], chunk_chars: int) -> list[str]:
-    """Join consecutive paragraphs into chunks of about ``chunk_chars`` characters (a
-    chunk ends at the first paragraph boundary at or past ``chunk_chars``; a paragraph
-    is never split)."""
+    """Join consecutive paragraphs into chunks of about ``chunk_chars`` characters.
+
+    A chunk ends with the first paragraph at which its paragraphs' lengths plus one per
+    paragraph reach ``chunk_chars`` (so a joined chunk has at least ``chunk_chars - 1``
+    characters); a paragraph is never split."""
     chunks, current, size = [], [], 0
     for p in paragraphs:
         current.append(p)
-        size += len(p) + 1
+        size += len(p) + 1  # one newline per paragraph (the joined chunk has one fewer)
         if size >= chunk_chars:
             chunks.append("\n".join(current))
             current, size = [], 0
