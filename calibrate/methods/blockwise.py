@@ -220,7 +220,9 @@ def break_point_search(
     else:
         cands = linear_quantiles(vals, quantiles)
     t = target.to(torch.float32)
-    if order == 1 and s_matrix is None and bool((t >= 0).all()):
+    # Order 1 on a non-negative target has closed-form zone fits (_order1_fits).
+    closed_form = order == 1 and bool((t >= 0).all())
+    if closed_form and s_matrix is None:
         # Plain squared error: entries outside the region only add their constant
         # (t - base)^2, so the closed form serves BiLLM's search (base = salient fit) too.
         outside = None if base is None else torch.where(region, torch.zeros_like(t), t - base)
@@ -243,7 +245,7 @@ def break_point_search(
     # Order 1 on a non-negative target (ARB-X's S-weighted split): both zones' fits come
     # in closed form per (row, candidate), so each candidate's approximation is a few
     # selects instead of two residual binarizations of [C, N, B] (a quarter of the passes).
-    fits = _order1_fits(t, region, cands) if order == 1 and bool((t >= 0).all()) else None
+    fits = _order1_fits(t, region, cands) if closed_form else None
     for lo in range(0, cands.numel(), step):
         p = cands[lo : lo + step].view(-1, 1, 1)
         conc = region & (a < p)
