@@ -486,6 +486,13 @@ def rc_col_update(
     return _safe_div(num, den)
 
 
+def _other_planes_removed(
+    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, signs: torch.Tensor, k: int
+) -> torch.Tensor:
+    """``x`` minus every RC plane but ``k``: the target plane ``k`` is refitted to."""
+    return x - sum(rows[o].unsqueeze(-1) * cols[o] * signs[o] for o in range(signs.shape[0]) if o != k)
+
+
 def _rc_dense(alpha_r: torch.Tensor, alpha_c: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return sum(alpha_r[k].unsqueeze(-1) * alpha_c[k] * signs[k] for k in range(signs.shape[0]))
 
@@ -615,8 +622,7 @@ def rc_round_col_scales(
     cols = to_fp16(cols).to(torch.float32)
     x = x.to(torch.float32)
     for k in range(fit.order):
-        t = x - sum(rows[o].unsqueeze(-1) * cols[o] * fit.signs[o] for o in range(fit.order) if o != k)
-        rows[k] = rc_row_update(t, mask, fit.signs[k], cols[k], weight)
+        rows[k] = rc_row_update(_other_planes_removed(x, rows, cols, fit.signs, k), mask, fit.signs[k], cols[k], weight)
     return replace(fit, row_scales=rows, col_scales=cols)
 
 
@@ -657,6 +663,5 @@ def rc_round_row_scales_fp8(
     rows = to_scale_dtype(rows, torch.float8_e4m3fn).to(torch.float32)
     x = x.to(torch.float32)
     for k in range(fit.order):
-        t = x - sum(rows[o].unsqueeze(-1) * cols[o] * fit.signs[o] for o in range(fit.order) if o != k)
-        cols[k] = rc_col_update(t, mask, fit.signs[k], rows[k], weight)
+        cols[k] = rc_col_update(_other_planes_removed(x, rows, cols, fit.signs, k), mask, fit.signs[k], rows[k], weight)
     return replace(fit, row_scales=rows, col_scales=to_fp16(cols).to(torch.float32))
