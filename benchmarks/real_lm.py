@@ -98,8 +98,9 @@ def eval_tokens(model: Path, corpus: Path, n_tokens: int, window: int) -> torch.
 
 @torch.no_grad()
 def perplexity(hf: torch.nn.Module, windows: torch.Tensor, batch: int = 8) -> tuple[float, int]:
-    """``(exp(mean NLL), tokens scored)`` of a causal LM over ``windows`` ``[W, L]``
-    (each window's first token is context only)."""
+    """``(exp(mean NLL in nats), tokens scored)`` of a causal LM over int64 token ids
+    ``windows`` ``[W, L]`` (each window's first token is context only), ``batch`` windows
+    per forward; logits are taken in float32."""
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch):
         ids = windows[i : i + batch]

