@@ -24,9 +24,11 @@ from vllm_sab.calibrate.methods.binarize import (
     arb_refine,
     arb_x_refine,
     linear_quantiles,
+    on_zone_columns,
     rc_col_update,
     rc_refine,
     rc_round_col_scales,
+    rc_round_row_scales_fp8,
     rc_row_update,
     residual_binarize,
 )
@@ -36,6 +38,7 @@ from vllm_sab.calibrate.methods.blockwise import (
     salient_count_search,
     select_salient_columns,
 )
+from vllm_sab.calibrate.methods.residual_closed import SortedRows, residual_sse_closed
 from vllm_sab.calibrate.methods.sign import SignMethod
 from method_helpers import assert_block_compensation, stats_from
 from vllm_sab.format import FormatError, compose, dequantize, pack, unpack
@@ -239,6 +242,95 @@ def test_order1_break_point_closed_form_equals_brute_force(n, b, seed):
         brute.append(float((r.double() ** 2).sum()))
     torch.testing.assert_close(res.errors.double(), torch.tensor(brute, dtype=torch.float64), rtol=1e-4, atol=1e-6)
     assert float(res.threshold) == float(res.candidates[int(torch.argmin(res.errors))])
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_residual_sse_closed_equals_residual_binarize(order):
+    """The closed-form error from sums against binarizing the zone, on zones with ties at the
+    mean (integers), negative values, one value and none."""
+    g = gen(30 + order)
+    x = torch.cat([torch.randint(-3, 4, (20, 16), generator=g).float(), torch.randn(20, 16, generator=g) * 3])
+    mask = torch.rand(x.shape, generator=g) < 0.6
+    mask[0] = False
+    mask[1] = False
+    mask[1, 5] = True
+    rows = SortedRows(x, mask)
+    start = torch.zeros(len(x), 1, dtype=torch.int64)
+    end = rows.count.unsqueeze(1)
+    got = residual_sse_closed(rows.range_sums(start, end), rows.below_in(start, end), order).squeeze(1)
+    fit = residual_binarize(x, mask, order)
+    want = ((x - fit.dense(mask)).double() ** 2 * mask).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got[0] == 0 and got[1] == 0
+    with pytest.raises(ValueError, match="order"):
+        residual_sse_closed(rows.range_sums(start, end), rows.below_in(start, end), 3)
+
+
+@pytest.mark.parametrize("n,b,seed", [(16, 64, 6), (9, 128, 7)])
+def test_order2_break_point_closed_form_equals_brute_force(n, b, seed):
+    """ARB's column-group split (order 2 over the salient columns' non-zero saliency) in
+    closed form against binarizing both zones of every candidate."""
+    t = _saliency(n, b, seed)
+    t[:, 3] = 0.0
+    sal = select_salient_columns(t, 11).expand(n, b)
+    res = break_point_search(t, sal, 2, nonzero=True)
+    vals = t[sal]
+    want_c = np.quantile(vals[vals != 0].numpy(), BREAK_POINT_QUANTILES.numpy())
+    np.testing.assert_allclose(res.candidates.numpy(), want_c, rtol=1e-5)
+    brute = []
+    for p in res.candidates:
+        conc, sparse = sal & (t < p), sal & (t >= p)
+        r = t - residual_binarize(t, conc, 2).dense(conc) - residual_binarize(t, sparse, 2).dense(sparse)
+        brute.append(float((r.double() ** 2).sum()))
+    torch.testing.assert_close(res.errors.double(), torch.tensor(brute, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    assert float(res.threshold) == float(res.candidates[int(torch.argmin(res.errors))])
+    assert torch.equal(res.concentrated, sal & (t < res.threshold)) and torch.equal(res.concentrated ^ res.sparse, sal)
+
+
+def test_salient_count_search_with_keep_mask_is_brute_force():
+    """Pruned weights (``keep`` False) count in neither group: the closed form's whole-row
+    minus salient-group sums against binarizing the kept entries of each group."""
+    n, b, nb = 10, 32, 2
+    t = torch.cat([_saliency(n, b, 40 + i) for i in range(nb)], dim=1)
+    keep = torch.rand(t.shape, generator=gen(41)) < 0.7
+    s, errors = salient_count_search(t, b, range(0, 9), keep)
+    brute = []
+    for cand in range(0, 9):
+        total = 0.0
+        for i in range(nb):
+            tb, kb = t[:, i * b : (i + 1) * b] * keep[:, i * b : (i + 1) * b], keep[:, i * b : (i + 1) * b]
+            sal = select_salient_columns(tb, cand).expand(n, b)
+            for zone in (sal & kb, ~sal & kb):
+                total += float(((tb - residual_binarize(tb, zone, 2).dense(zone)).double() ** 2 * zone).sum())
+        brute.append(total)
+    np.testing.assert_allclose(errors.numpy(), brute, rtol=1e-5)
+    assert s == int(np.argmin(brute))
+
+
+@pytest.mark.parametrize("kind", ["arb", "rc", "rc-weighted-fp8"])
+def test_on_zone_columns_equals_fitting_the_whole_block(kind):
+    """A zone on 7 of 64 columns fitted on those columns and widened equals the same fit
+    over the whole block (signs +1 and column scales 0 where the zone has no entry)."""
+    g = gen(50)
+    x = torch.randn(24, 64, generator=g)
+    cols = torch.zeros(64, dtype=torch.bool)
+    cols[[1, 9, 10, 30, 41, 42, 63]] = True
+    mask = cols.expand(24, 64) & (torch.rand(24, 64, generator=g) < 0.8)
+    weight = torch.rand(24, 64, generator=g) + 0.1 if kind == "rc-weighted-fp8" else None
+
+    def fit_zone(xx, mm, ww):
+        if kind == "arb":
+            return arb_refine(xx, mm, 2, 5)
+        fit = rc_round_col_scales(xx, mm, rc_refine(xx, mm, 2, 5, weight=ww), ww)
+        return rc_round_row_scales_fp8(xx, mm, fit, ww) if ww is not None else fit
+
+    whole, part = fit_zone(x, mask, weight), on_zone_columns(fit_zone, x, mask, weight)
+    assert part.signs.shape == whole.signs.shape and torch.equal(part.signs, whole.signs)
+    for a, b in ((part.row_scales, whole.row_scales), (part.mean, whole.mean), (part.col_scales, whole.col_scales)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part.dense(mask), whole.dense(mask), rtol=1e-5, atol=1e-6)
 
 
 def test_salient_count_search_is_brute_force_minimum():

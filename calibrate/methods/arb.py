@@ -9,7 +9,15 @@ import torch
 from vllm_sab.format import SCALE_DTYPES, LayerProfile
 
 from .base import CalibrationStats
-from .binarize import ZoneFit, arb_refine, arb_x_refine, rc_refine, rc_round_col_scales, rc_round_row_scales_fp8
+from .binarize import (
+    ZoneFit,
+    arb_refine,
+    arb_x_refine,
+    on_zone_columns,
+    rc_refine,
+    rc_round_col_scales,
+    rc_round_row_scales_fp8,
+)
 from .blockwise import BlockContext, BlockFit, BlockwiseMethod, BlockwiseOptions, break_point_search
 
 __all__ = ["ARBOptions", "ARBRCMethod", "ARBXMethod"]
@@ -169,7 +177,9 @@ class ARBXMethod(_ARBBase):
         self, target: torch.Tensor, sal: torch.Tensor, ctx: BlockContext
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """ARB-X: salient columns by order-2 ARB, error weighted by ``S``."""
-        base = arb_refine(target, sal, 2, self.iterations).dense(sal) if ctx.profile.salient else None
+        base = None
+        if ctx.profile.salient:
+            base = on_zone_columns(lambda x, m, _: arb_refine(x, m, 2, self.iterations), target, sal).dense(sal)
         return base, self._s_matrix(ctx)
 
     def _fit_block(
@@ -177,7 +187,8 @@ class ARBXMethod(_ARBBase):
     ) -> BlockFit:
         """ARB per zone, then the joint calibration-aware refinement."""
         masks, orders = self._zones(target, salient, ctx)
-        fits = [arb_refine(w, m, o, self.iterations) for m, o in zip(masks, orders)]
+        fits = [on_zone_columns(lambda x, mk, _, o=o: arb_refine(x, mk, o, self.iterations), w, m)
+                for m, o in zip(masks, orders)]
         fits = arb_x_refine(w, masks, fits, self._s_matrix(ctx), self.iterations)
         return BlockFit(salient, masks, fits)
 
@@ -261,8 +272,13 @@ class ARBRCMethod(_ARBBase):
         masks, orders = self._zones(target, salient, ctx)
         fits: list[ZoneFit] = []
         for m, o in zip(masks, orders):
-            fit = rc_round_col_scales(w, m, rc_refine(w, m, o, self.iterations, weight=omega), omega)
-            if self.scale_dtype == "float8_e4m3fn":
-                fit = rc_round_row_scales_fp8(w, m, fit, omega)
-            fits.append(fit)
+
+            def fit_zone(x: torch.Tensor, mk: torch.Tensor, om: torch.Tensor | None, o: int = o) -> ZoneFit:
+                fit = rc_round_col_scales(x, mk, rc_refine(x, mk, o, self.iterations, weight=om), om)
+                if self.scale_dtype == "float8_e4m3fn":
+                    fit = rc_round_row_scales_fp8(x, mk, fit, om)
+                return fit
+
+            # A salient zone holds s of the B columns: fit it there only.
+            fits.append(on_zone_columns(fit_zone, w, m, omega))
         return BlockFit(salient, masks, fits)

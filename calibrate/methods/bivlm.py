@@ -16,7 +16,7 @@ import torch
 
 from vllm_sab.format import LayerProfile
 
-from .binarize import ZoneFit, arb_refine, arb_x_refine, rc_refine, rc_round_col_scales
+from .binarize import ZoneFit, arb_refine, arb_x_refine, on_zone_columns, rc_refine, rc_round_col_scales
 from .blockwise import BlockContext, BlockFit, BlockwiseMethod, BlockwiseOptions, column_rank
 
 __all__ = [
@@ -500,9 +500,11 @@ class BiVLMMethod(BlockwiseMethod):
         self, w: torch.Tensor, masks: list[torch.Tensor], orders: list[int], s_matrix: torch.Tensor
     ) -> list[ZoneFit]:
         if self.fit == "mean-x":
-            fits = [arb_refine(w, m, o, self.iterations) for m, o in zip(masks, orders)]
+            fits = [on_zone_columns(lambda x, mk, _, o=o: arb_refine(x, mk, o, self.iterations), w, m)
+                    for m, o in zip(masks, orders)]
             return arb_x_refine(w, masks, fits, s_matrix, self.iterations)
-        fits = [rc_round_col_scales(w, m, rc_refine(w, m, o, self.iterations)) for m, o in zip(masks, orders)]
+        fits = [on_zone_columns(lambda x, mk, _, o=o: rc_round_col_scales(x, mk, rc_refine(x, mk, o, self.iterations)), w, m)
+                for m, o in zip(masks, orders)]
         if self.fit == "rc":
             return fits
         fits = output_row_scales(w, masks, fits, s_matrix)

@@ -31,8 +31,9 @@ import torch
 from vllm_sab.format import BinaryComponents, LayerProfile, compose, tensor_specs
 
 from .base import CalibrationStats, Method, MethodOptions
-from .binarize import ZoneFit, linear_quantiles, residual_binarize, residual_sse, to_fp16, to_scale_dtype
+from .binarize import ZoneFit, linear_quantiles, residual_binarize, to_fp16, to_scale_dtype
 from .hessian import damped_inverse_cholesky_upper, prepare_hessian
+from .residual_closed import SortedRows, residual_sse_closed
 
 __all__ = [
     "BREAK_POINT_QUANTILES",
@@ -107,6 +108,12 @@ def salient_count_search(
     same error per block over ``s = 1..49``; summing it over the blocks gives
     the best single count for format v1, which stores one ``s`` per layer.
 
+    The errors come in closed form (:func:`~.residual_closed.residual_sse_closed`):
+    the salient group's sums directly over its ``s`` columns, the non-salient
+    group's as the whole row's (sorted once, :class:`~.residual_closed.SortedRows`)
+    minus the salient group's, so a candidate costs ``O(s + log B)`` per row
+    instead of two residual binarizations of the block.
+
     Args:
         target: float32 ``[N, K]`` saliency of the (uncompensated) layer.
         block_size: ``B``; ``K % B == 0``.
@@ -129,21 +136,46 @@ def salient_count_search(
     target = target.to(torch.float32)
     if keep is not None:
         target = target * keep
-    t3 = target.reshape(n, nb, block_size)
-    k3 = keep.reshape(n, nb, block_size) if keep is not None else None
-    rank = column_rank(t3.abs().sum(0))  # [nb, B]
+    t3 = target.reshape(n, nb, block_size).transpose(0, 1)  # [nb, N, B]: one row per (block, row)
+    by_rank = column_rank(t3.abs().sum(1)).argsort(-1)  # [nb, B]: the block's columns, most salient first
+    smax = max(cands)
+    # Candidate s's salient group is the first s of these columns; the non-salient group
+    # is the rest of the row, whose sums are the whole row's minus the salient group's.
+    top = t3.gather(-1, by_rank[:, None, :smax].expand(nb, n, smax)).reshape(nb * n, smax).double()
+    rows_all = t3.reshape(nb * n, block_size)
+    kept_all = None if keep is None else keep.reshape(n, nb, block_size).transpose(0, 1)
+    top_kept = None
+    if kept_all is not None:
+        top_kept = kept_all.gather(-1, by_rank[:, None, :smax].expand(nb, n, smax)).reshape(nb * n, smax)
+        kept_all = kept_all.reshape(nb * n, block_size)
+    prefix = torch.arange(smax, device=target.device) < torch.tensor(cands, device=target.device).unsqueeze(1)
     errors = torch.zeros(len(cands), dtype=torch.float64, device=target.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, n * block_size))
-    for lo in range(0, nb, step):
-        t = t3[:, lo : lo + step]
-        rk = rank[lo : lo + step]
-        for i, s in enumerate(cands):
-            sal = (rk < s).expand_as(t)
-            a, b = sal, ~sal
-            if k3 is not None:
-                a, b = a & k3[:, lo : lo + step], b & k3[:, lo : lo + step]
-            # The two regions cover every (kept) weight; outside them t is 0 (pruned) or absent.
-            errors[i] += (residual_sse(t, a, 2).sum() + residual_sse(t, b, 2).sum()).double()
+    step = max(1, _CHUNK_ELEMENTS // 4 // max(1, len(cands) * smax))
+    for lo in range(0, nb * n, step):
+        g = top[lo : lo + step]  # [r, smax]
+        m = prefix.unsqueeze(0) if top_kept is None else prefix.unsqueeze(0) & top_kept[lo : lo + step, None, :]
+        m = m.expand(len(g), -1, -1).double()  # [r, C, smax]: candidate c's salient group
+        gv = torch.stack([g, g * g], -1)  # [r, smax, 2]
+
+        def sums(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            s12 = mask @ gv  # [r, C, 2]
+            return mask.sum(-1), s12[..., 0], s12[..., 1]
+
+        sal_total = sums(m)
+
+        def sal_below(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return sums(m * (g.unsqueeze(1) < tau.unsqueeze(-1)))
+
+        rows = SortedRows(rows_all[lo : lo + step], None if kept_all is None else kept_all[lo : lo + step])
+        start = torch.zeros(len(g), len(cands), dtype=torch.int64, device=target.device)
+        end = rows.count.unsqueeze(1).expand_as(start)
+        whole_total, whole_below = rows.range_sums(start, end), rows.below_in(start, end)
+
+        def rest_below(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return tuple(a - b for a, b in zip(whole_below(tau), sal_below(tau)))  # type: ignore[return-value]
+
+        rest_total = tuple(a - b for a, b in zip(whole_total, sal_total))
+        errors += (residual_sse_closed(sal_total, sal_below, 2) + residual_sse_closed(rest_total, rest_below, 2)).sum(0)
     return cands[int(torch.argmin(errors))], errors
 
 
@@ -220,16 +252,19 @@ def break_point_search(
     else:
         cands = linear_quantiles(vals, quantiles)
     t = target.to(torch.float32)
-    # Order 1 on a non-negative target has closed-form zone fits (_order1_fits).
-    closed_form = order == 1 and bool((t >= 0).all())
-    if closed_form and s_matrix is None:
-        # Plain squared error: entries outside the region only add their constant
-        # (t - base)^2, so the closed form serves BiLLM's search (base = salient fit) too.
-        outside = None if base is None else torch.where(region, torch.zeros_like(t), t - base)
-        errors = _order1_errors(t, region, cands, outside)
+    # On a non-negative target the two zones of a candidate are value ranges of each row's
+    # sorted region values, so with the plain squared error both orders come in closed form.
+    nonneg = bool((t >= 0).all())
+    if nonneg and s_matrix is None and order in (1, 2):
+        # Entries outside the region only add their constant (t - base)^2, so this also
+        # serves BiLLM's search (base = the salient fit).
+        outside = torch.where(region, torch.zeros_like(t), t if base is None else t - base)
+        errors = _zone_errors(t, region, cands, order) + float((outside.double() ** 2).sum())
+        errors = errors.to(torch.float32)
         best = int(torch.argmin(errors))
         p = cands[best]
         return BreakPoint(p, region & (a < p), region & (a >= p), cands, errors)
+    closed_form = order == 1 and nonneg
     rest = t if base is None else t - base
     rest = torch.where(region, t, rest)
     full_t, full_region, outside = t, region, None
@@ -253,7 +288,7 @@ def break_point_search(
             sparse = region & (a >= p)
             q = residual_binarize(t, conc, order).dense(conc) + residual_binarize(t, sparse, order).dense(sparse)
         else:
-            mu, alpha = (f[:, :, lo : lo + step].permute(0, 2, 1).unsqueeze(-1).float() for f in fits[:2])
+            mu, alpha = (f[:, :, lo : lo + step].permute(0, 2, 1).unsqueeze(-1).float() for f in fits)
             mu_e = torch.where(conc, mu[0], mu[1])
             alpha_e = torch.where(conc, alpha[0], alpha[1])
             q = torch.where(region, mu_e + torch.where(t >= mu_e, alpha_e, -alpha_e), torch.zeros((), device=t.device))
@@ -271,48 +306,43 @@ def break_point_search(
     return BreakPoint(p, full_region & (a < p), full_region & (a >= p), cands, errors)
 
 
-def _order1_errors(
-    t: torch.Tensor, region: torch.Tensor, cands: torch.Tensor, outside: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Errors of :func:`break_point_search` for order 1 and plain squared error, in closed form.
+def _zone_errors(t: torch.Tensor, region: torch.Tensor, cands: torch.Tensor, order: int) -> torch.Tensor:
+    """Summed residual-binarization error of both zones of every break point, in closed form.
 
-    For a non-negative target the two zones of a candidate ``p`` are value
-    ranges of each row's sorted region entries (``< p``: a prefix, ``>= p``: the
-    rest). Order-1 residual binarization of ``c`` entries with mean ``mu`` and
-    ``alpha = mean|x - mu|`` leaves ``sum (x - mu)^2 - c alpha^2
-    = S2 - c mu^2 - (sum|x - mu|)^2 / c``, and ``sum|x - mu|`` over a sorted
-    range splits at ``mu`` (one ``searchsorted``); prefix sums make each
-    candidate O(log B) per row instead of a pass over the block. Entries
-    outside the region add their constant ``sum t^2``, as in the direct
-    computation. Same values as the direct search up to float64 rounding.
+    For a non-negative target the concentrated zone (``t < p``) of a row is a prefix
+    of its sorted region values and the sparse zone the rest, so each zone's error
+    comes from range sums (:class:`~.residual_closed.SortedRows`,
+    :func:`~.residual_closed.residual_sse_closed`) in O(log B) per row and candidate
+    instead of a pass over the block. Same values as binarizing every candidate up to
+    float64 rounding (``tests/test_methods_binary.py`` checks against brute force).
 
     Args:
         t: float32 ``[N, B]``, non-negative.
         region: bool ``[N, B]``.
         cands: float32 ``[C]`` break points.
-        outside: float32 ``[N, B]`` residual of the entries outside the region (zero
-            inside it), or None: ``t`` itself there (no base).
+        order: 1 or 2.
 
     Returns:
-        float32 ``[C]``.
+        float64 ``[C]``: the region's error (entries outside it not counted).
     """
-    mu, alpha, sse = _order1_fits(t, region, cands)
-    if outside is None:
-        outside = torch.where(region, torch.zeros_like(t), t)
-    outside = float((outside.double() ** 2).sum())
-    return (sse.sum((0, 1)) + outside).to(torch.float32)
+    rows = SortedRows(t, region)
+    k = rows.index(cands.view(1, -1).expand(t.shape[0], -1))  # [N, C]: concentrated prefix
+    start, end = torch.zeros_like(k), rows.count.unsqueeze(1).expand_as(k)
+    sse = sum(residual_sse_closed(rows.range_sums(lo, hi), rows.below_in(lo, hi), order)
+              for lo, hi in ((start, k), (k, end)))
+    return sse.sum(0)
 
 
 def _order1_fits(
     t: torch.Tensor, region: torch.Tensor, cands: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Order-1 residual binarization of both zones of every break point, in closed form.
 
     For a non-negative target the concentrated zone (``t < p``) of a row is a prefix
     of its sorted region entries and the sparse zone the rest; prefix sums of the
     sorted values give each zone's mean ``mu``, ``alpha = mean|x - mu|`` (the sum of
-    ``|x - mu|`` splits at ``mu``: one ``searchsorted``) and its squared error
-    ``S2 - c mu^2 - (sum|x - mu|)^2 / c``, in O(log B) per row and candidate.
+    ``|x - mu|`` splits at ``mu``: one ``searchsorted``), in O(log B) per row and
+    candidate.
 
     Args:
         t: float32 ``[N, B]``, non-negative.
@@ -320,38 +350,19 @@ def _order1_fits(
         cands: float32 ``[C]`` break points.
 
     Returns:
-        ``(mu, alpha, sse)``, float64 ``[2, N, C]`` each (index 0: concentrated zone,
+        ``(mu, alpha)``, float64 ``[2, N, C]`` each (index 0: concentrated zone,
         1: sparse zone); an empty zone has 0s.
     """
-    x = torch.where(region, t, torch.full_like(t, float("inf"))).double()
-    x, _ = x.sort(dim=-1)
-    cnt = region.sum(-1)  # [N]
-    finite = torch.where(torch.isinf(x), torch.zeros_like(x), x)
-    zero = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
-    p1 = torch.cat([zero, finite.cumsum(-1)], -1)  # [N, B+1]
-    p2 = torch.cat([zero, (finite * finite).cumsum(-1)], -1)
-    # Rows of x are the sorted sequences and the candidates the values: one batched
-    # searchsorted [N, B] x [N, C] -> [N, C]; expanding x per candidate instead copied
-    # C * N * B doubles per block (127 MB for a fused gate_up at B = 64) twice per search.
-    c = cands.to(x.dtype).view(1, -1).expand(x.shape[0], -1).contiguous()  # [N, C]
-    k = torch.searchsorted(x, c)
-    k = torch.minimum(k, cnt.unsqueeze(1))  # [N, C]: prefix length of the concentrated zone
-    total = cnt.unsqueeze(1).expand_as(k)
+    rows = SortedRows(t, region)
+    k = rows.index(cands.view(1, -1).expand(t.shape[0], -1))  # [N, C]: concentrated prefix
+    total = rows.count.unsqueeze(1).expand_as(k)
 
-    def zone(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = (hi - lo).to(x.dtype)
-        s1 = p1.gather(-1, hi) - p1.gather(-1, lo)
-        s2 = p2.gather(-1, hi) - p2.gather(-1, lo)
-        mu = torch.where(n > 0, s1 / n.clamp_min(1), torch.zeros_like(s1))
-        j = torch.searchsorted(x, mu.contiguous())
-        j = torch.maximum(torch.minimum(j, hi), lo)
-        pj = p1.gather(-1, j)
-        pl = p1.gather(-1, lo)
-        ph = p1.gather(-1, hi)
-        abs_dev = (mu * (j - lo).to(x.dtype) - (pj - pl)) + ((ph - pj) - mu * (hi - j).to(x.dtype))
-        alpha = torch.where(n > 0, abs_dev / n.clamp_min(1), torch.zeros_like(s1))
-        err = (s2 - n * mu * mu - alpha * abs_dev).clamp_min(0)
-        return mu, alpha, err
+    def zone(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, s1, _ = rows.range_sums(lo, hi)
+        mu = s1 / n.clamp_min(1)
+        lower = rows.range_sums(lo, torch.maximum(torch.minimum(rows.index(mu), hi), lo))
+        abs_dev = (mu * lower[0] - lower[1]) + ((s1 - lower[1]) - mu * (n - lower[0]))
+        return mu, abs_dev / n.clamp_min(1)
 
     conc, sparse = zone(torch.zeros_like(k), k), zone(k, total)
     return tuple(torch.stack([a, b]) for a, b in zip(conc, sparse))  # type: ignore[return-value]
