@@ -11,11 +11,13 @@ part; a separate process, so its wall time and peak RSS are its own), then perpl
 the dequantized checkpoint in transformers (``load_dequantized``, float32) over the first
 ``--eval-tokens`` tokens of the evaluation part, in non-overlapping windows of
 ``--window`` tokens (the first token of a window is context only). True bits count every
-stored byte (``format.bits_by_tensor``), broken down by tensor.
+stored byte (``format.bits_by_tensor``), broken down by tensor. ``--jobs`` runs go side by
+side, each with ``--threads`` intra-op threads (default two runs of one thread: on two
+cores that finishes the table sooner than one run of two threads, see ``run_one``).
 
 Usage::
 
-    python benchmarks/real_lm.py                      # the whole table (about an hour)
+    python benchmarks/real_lm.py                      # the whole table (under an hour on 2 cores)
     python benchmarks/real_lm.py --only sab-B64,uniform3-B192 --keep-results
 
 Writes ``benchmarks/results/real_lm.{json,md,png}``.
@@ -24,8 +26,10 @@ Writes ``benchmarks/results/real_lm.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -46,22 +50,29 @@ RESULTS = REPO / "benchmarks" / "results"
 
 # (name, method, block size, options). SmolLM2's K are 576 and 1536, so the block size
 # must divide both: 32, 64, 96 or 192. B = 64 and B = 192 put the binary methods and the
-# uniform anchors at comparable true bits (see the table).
+# uniform anchors at comparable true bits (see the table). Listed longest first: the
+# worker pool takes them in this order, so the last to start are the short ones.
 RUNS: list[tuple[str, str, int, dict[str, str]]] = [
-    ("sign-B192", "sign", 192, {}),
-    ("billm-B192", "billm", 192, {}),
+    ("bivlm-B192", "bivlm", 192, {}),
     ("arb-x-B192", "arb-x", 192, {}),
     ("arb-rc-B64", "arb-rc", 64, {}),
-    ("sab-B192", "sab", 192, {}),
-    ("sab-B64", "sab", 64, {}),
-    ("sab-B64-noCGB", "sab", 64, {"column_group_bitmap": "false"}),
     # Row scales in float8 e4m3 (format scale_dtype): half the row-scale bits.
     ("sab-B64-e4m3", "sab", 64, {"scale_dtype": "float8_e4m3fn"}),
     ("sab-B192-e4m3", "sab", 192, {"scale_dtype": "float8_e4m3fn"}),
-    ("bivlm-B192", "bivlm", 192, {}),
+    ("sab-B64", "sab", 64, {}),
+    ("sab-B192", "sab", 192, {}),
+    ("billm-B192", "billm", 192, {}),
     ("uniform2-B192", "uniform2", 192, {}),
     ("uniform2-B64", "uniform2", 64, {}),
     ("uniform3-B192", "uniform3", 192, {}),
+    ("sign-B192", "sign", 192, {}),
+]
+
+# Ablations outside the one-hour table, run with ``--only NAME --keep-results``: the salient
+# columns as one zone (no column-group bitmap), 0.55 bits less than sab-B64 (the session 6
+# table, at 32 samples: perplexity 168.3 at 3.239 bits against sab-B64-e4m3's 125.5 at 3.035).
+EXTRA_RUNS: list[tuple[str, str, int, dict[str, str]]] = [
+    ("sab-B64-noCGB", "sab", 64, {"column_group_bitmap": "false"}),
 ]
 
 TENSOR_LABELS = {
@@ -158,7 +169,8 @@ def calibrate(model: Path, corpus: Path, out: Path, method: str, block: int, opt
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+        env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(args.threads)}
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
@@ -172,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=BUILD / "smollm2-llava")
     ap.add_argument("--corpus", type=Path, default=BUILD / "corpus")
-    ap.add_argument("--num-samples", type=int, default=32)
+    ap.add_argument("--num-samples", type=int, default=24)
     ap.add_argument("--max-seq-len", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=24576)
+    ap.add_argument("--eval-tokens", type=int, default=20480)
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--only", default="", help="comma-separated run names (default: all of RUNS)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (default: 2, this machine's cores)")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads per run (default: 1)")
+    ap.add_argument("--only", default="", help="comma-separated run names from RUNS or EXTRA_RUNS (default: all of RUNS)")
     ap.add_argument("--keep-results", action="store_true", help="keep other runs' rows from the existing JSON")
     ap.add_argument("--out", type=Path, default=RESULTS / "real_lm")
     ap.add_argument("--table-only", action="store_true",
@@ -194,13 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         _plot(data["rows"], args.out.with_suffix(".png"))
         return 0
 
-    from vllm_sab.calibrate.reference_model import load_dequantized
-
     t_start = time.perf_counter()
     ensure_inputs(args.model, args.corpus)
     torch.set_grad_enabled(False)
     windows = eval_tokens(args.model, args.corpus, args.eval_tokens, args.window)
-    runs = [r for r in RUNS if not args.only or r[0] in args.only.split(",")]
+    runs = RUNS if not args.only else [r for r in RUNS + EXTRA_RUNS if r[0] in args.only.split(",")]
+    unknown = set(args.only.split(",")) - {r[0] for r in RUNS + EXTRA_RUNS} if args.only else set()
+    if unknown:
+        ap.error(f"--only: unknown runs {sorted(unknown)}; known: {[r[0] for r in RUNS + EXTRA_RUNS]}")
     json_path = args.out.with_suffix(".json")
     rows: dict[str, dict] = {}
     earlier: list[dict] = []  # the invocations whose rows are kept: command and seconds
@@ -218,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": f"{args.num_samples} text-only samples of the calibration part, <= {args.max_seq_len} tokens each (chat template)",
         "evaluation": f"{windows.numel()} tokens of the evaluation part, windows of {args.window}",
         "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        "threads": args.threads,
+        "jobs": args.jobs,
         "torch": torch.__version__,
     }
 
@@ -234,39 +250,73 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".md").write_text(_table(ordered, meta))
         _plot(ordered, args.out.with_suffix(".png"))
 
+    tasks: list[tuple[str, str, int, dict[str, str]]] = list(runs)
     if "full precision" not in rows or not args.keep_results:
-        t0 = time.perf_counter()
-        hf = load_fp(args.model)
-        ppl, count = perplexity(hf, windows)
-        rows["full precision"] = {"name": "full precision", "method": "-", "block_size": None, "options": {},
-                                  "true_bits": 32.0, "paper_bits": 32.0, "ppl": ppl, "tokens": count,
-                                  "note": "float32 values of the Q4_1 GGUF (4-bit weights, 5 true bits as shipped)",
-                                  "eval_seconds": time.perf_counter() - t0}
-        del hf
-        print(f"full precision: ppl {ppl:.2f} over {count} tokens", flush=True)
-    for name, method, block, options in runs:
-        out = BUILD / "ckpt" / name
-        cal = calibrate(args.model, args.corpus, out, method, block, options, args)
-        t0 = time.perf_counter()
-        hf = load_dequantized(out, torch.float32)
-        ppl, count = perplexity(hf, windows)
-        del hf
-        s = cal["summary"]
-        rows[name] = {
-            "name": name, "method": method, "block_size": block, "options": options,
-            "true_bits": s["true_bits_per_weight"], "paper_bits": s["paper_weight_bits"],
-            "bits_by_tensor": bits_breakdown(out), "ppl": ppl, "tokens": count,
-            "layer_output_error": layer_output_error(out),
-            "calib_seconds": cal["seconds"], "peak_rss_mib": cal["peak_rss_mib"],
-            "eval_seconds": time.perf_counter() - t0,
-        }
-        print(f"{name}: ppl {ppl:.2f}, {s['true_bits_per_weight']:.3f} true bits, calibration {cal['seconds']:.0f} s", flush=True)
-        finish_meta()
-        write()
+        tasks.insert(len(tasks) - 1 if len(tasks) > 1 else 0, FULL_PRECISION)
+    # One run per worker process, each with --threads intra-op threads: the methods are
+    # chains of small element-wise passes that use two threads at ~73 % each, so two
+    # one-thread runs side by side finish more work per minute than one two-thread run.
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(run_one, task, args.model, args.corpus, windows, vars(args)) for task in tasks]
+        for fut in concurrent.futures.as_completed(futures):
+            row = fut.result()
+            rows[row["name"]] = row
+            extra = f", calibration {row['calib_seconds']:.0f} s" if "calib_seconds" in row else ""
+            print(f"{row['name']}: ppl {row['ppl']:.2f}, {row['true_bits']:.3f} true bits{extra}", flush=True)
+            finish_meta()
+            write()
     finish_meta()
     write()
     print(f"wrote {json_path} ({meta['total_seconds'] / 60:.1f} min)")
     return 0
+
+
+FULL_PRECISION = ("full precision", "-", 0, {})
+
+
+def run_one(task: tuple[str, str, int, dict[str, str]], model: Path, corpus: Path, windows: torch.Tensor,
+            opts: dict) -> dict:
+    """One table row, in a pool worker: calibrate (its own process) and evaluate.
+
+    Args:
+        task: ``(name, method, block size, options)`` from :data:`RUNS`, or
+            :data:`FULL_PRECISION` (evaluation of the unquantized model only).
+        model, corpus: the inputs (:func:`ensure_inputs`).
+        windows: int64 ``[W, L]`` evaluation tokens (:func:`eval_tokens`).
+        opts: the CLI options (``vars(args)``).
+
+    Returns:
+        The row (JSON-ready dict).
+
+    Raises:
+        RuntimeError: the calibration failed (its log is named).
+    """
+    from vllm_sab.calibrate.reference_model import load_dequantized
+
+    torch.set_num_threads(opts["threads"])
+    torch.set_grad_enabled(False)
+    name, method, block, options = task
+    t0 = time.perf_counter()
+    if task == FULL_PRECISION:
+        ppl, count = perplexity(load_fp(model), windows)
+        return {"name": name, "method": "-", "block_size": None, "options": {},
+                "true_bits": 32.0, "paper_bits": 32.0, "ppl": ppl, "tokens": count,
+                "note": "float32 values of the Q4_1 GGUF (4-bit weights, 5 true bits as shipped)",
+                "eval_seconds": time.perf_counter() - t0}
+    out = BUILD / "ckpt" / name
+    cal = calibrate(model, corpus, out, method, block, options, argparse.Namespace(**opts))
+    t0 = time.perf_counter()
+    ppl, count = perplexity(load_dequantized(out, torch.float32), windows)
+    s = cal["summary"]
+    return {
+        "name": name, "method": method, "block_size": block, "options": options,
+        "true_bits": s["true_bits_per_weight"], "paper_bits": s["paper_weight_bits"],
+        "bits_by_tensor": bits_breakdown(out), "ppl": ppl, "tokens": count,
+        "layer_output_error": layer_output_error(out),
+        "calib_seconds": cal["seconds"], "peak_rss_mib": cal["peak_rss_mib"],
+        "eval_seconds": time.perf_counter() - t0,
+    }
 
 
 def load_fp(model: Path) -> torch.nn.Module:
@@ -292,7 +342,9 @@ def _table(rows: list[dict], meta: dict) -> str:
         f"Command: `{meta['command']}`",
         "",
         f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: perplexity over "
-        f"{meta['evaluation']} ({meta['corpus']}, files disjoint from calibration). {meta['threads']} CPU threads, "
+        f"{meta['evaluation']} ({meta['corpus']}, files disjoint from calibration). "
+        f"{meta.get('jobs', 1)} runs side by side with {meta['threads']} CPU thread(s) each (calibration times are "
+        "a run's own wall time with its neighbour running), "
         f"torch {meta['torch']}. Whole run: {meta.get('total_seconds', 0) / 60:.1f} min"
         + (f" over {len(meta['invocations'])} invocations ("
            + "; ".join(f"`{i['command']}` {i['seconds'] / 60:.1f} min" for i in meta["invocations"]) + ")"
