@@ -11,9 +11,10 @@ part; a separate process, so its wall time and peak RSS are its own), then perpl
 the dequantized checkpoint in transformers (``load_dequantized``, float32) over the first
 ``--eval-tokens`` tokens of the evaluation part, in non-overlapping windows of
 ``--window`` tokens (the first token of a window is context only). True bits count every
-stored byte (``format.bits_by_tensor``), broken down by tensor. ``--jobs`` runs go side by
-side, each with ``--threads`` intra-op threads (default two runs of one thread: on two
-cores that finishes the table sooner than one run of two threads, see ``run_one``).
+stored byte (``format.bits_by_tensor``), broken down by tensor. ``--jobs`` calibrations go
+side by side, each with ``--threads`` intra-op threads (default two of one thread: on two
+cores that finishes them sooner than one at a time with two threads); the evaluations run
+one at a time on the free cores (see ``main``).
 
 Usage::
 
@@ -29,7 +30,6 @@ import argparse
 import concurrent.futures
 import json
 import math
-import multiprocessing
 import os
 import platform
 import subprocess
@@ -109,15 +109,17 @@ def eval_tokens(model: Path, corpus: Path, n_tokens: int, window: int) -> torch.
 
 @torch.no_grad()
 def perplexity(hf: torch.nn.Module, windows: torch.Tensor, batch: int = 8) -> tuple[float, int]:
-    """``(exp(mean NLL in nats), tokens scored)`` of a causal LM over int64 token ids
-    ``windows`` ``[W, L]`` (each window's first token is context only), ``batch`` windows
-    per forward; logits are taken in float32."""
+    """``(exp(mean NLL in nats), tokens scored)`` of a LLaVA's language model over int64 token
+    ids ``windows`` ``[W, L]`` (each window's first token is context only), ``batch`` windows
+    per forward, float32 logits. The loss is ``cross_entropy`` on the ``lm_head`` of the
+    scored positions (no ``[batch, L, vocab]`` log-softmax copy: 9 % of the evaluation)."""
+    import torch.nn.functional as F
+
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch):
         ids = windows[i : i + batch]
-        logits = hf(input_ids=ids).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll -= float(logp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
+        logits = hf.lm_head(hf.model(input_ids=ids).last_hidden_state[:, :-1]).float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
         count += ids[:, 1:].numel()
     return math.exp(nll / count), count
 
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=BUILD / "smollm2-llava")
     ap.add_argument("--corpus", type=Path, default=BUILD / "corpus")
-    ap.add_argument("--num-samples", type=int, default=24)
+    ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=20480)
     ap.add_argument("--window", type=int, default=512)
@@ -250,22 +252,35 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".md").write_text(_table(ordered, meta))
         _plot(ordered, args.out.with_suffix(".png"))
 
-    tasks: list[tuple[str, str, int, dict[str, str]]] = list(runs)
-    if "full precision" not in rows or not args.keep_results:
-        tasks.insert(len(tasks) - 1 if len(tasks) > 1 else 0, FULL_PRECISION)
-    # One run per worker process, each with --threads intra-op threads: the methods are
+    # Calibrations run side by side (--jobs at a time, --threads each): the methods are
     # chains of small element-wise passes that use two threads at ~73 % each, so two
-    # one-thread runs side by side finish more work per minute than one two-thread run.
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(run_one, task, args.model, args.corpus, windows, vars(args)) for task in tasks]
-        for fut in concurrent.futures.as_completed(futures):
-            row = fut.result()
-            rows[row["name"]] = row
-            extra = f", calibration {row['calib_seconds']:.0f} s" if "calib_seconds" in row else ""
-            print(f"{row['name']}: ppl {row['ppl']:.2f}, {row['true_bits']:.3f} true bits{extra}", flush=True)
-            finish_meta()
-            write()
+    # one-thread calibrations finish more work per minute than one two-thread one. The
+    # evaluations (compute-bound GEMMs, which two processes slow each other at) run one at a
+    # time in this process once every calibration has started, on the cores that are free.
+    pending = list(runs)
+    evals: list[tuple[tuple[str, str, int, dict[str, str]], dict | None]] = []
+    if "full precision" not in rows or not args.keep_results:
+        evals.append((FULL_PRECISION, None))
+    running: dict[concurrent.futures.Future, tuple[str, str, int, dict[str, str]]] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        while pending or running or evals:
+            while pending and len(running) < args.jobs:
+                name, method, block, options = task = pending.pop(0)
+                running[pool.submit(calibrate, args.model, args.corpus, BUILD / "ckpt" / name, method, block,
+                                    options, args)] = task
+            for fut in [f for f in running if f.done()]:
+                evals.append((running.pop(fut), fut.result()))
+            if evals and not pending and len(running) < args.jobs:
+                task, cal = evals.pop(0)
+                torch.set_num_threads(args.threads * (args.jobs - len(running)))
+                row = evaluate(task, cal, args.model, windows)
+                rows[row["name"]] = row
+                extra = f", calibration {cal['seconds']:.0f} s" if cal else ""
+                print(f"{row['name']}: ppl {row['ppl']:.2f}, {row['true_bits']:.3f} true bits{extra}", flush=True)
+                finish_meta()
+                write()
+            elif running:
+                concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
     finish_meta()
     write()
     print(f"wrote {json_path} ({meta['total_seconds'] / 60:.1f} min)")
@@ -275,38 +290,32 @@ def main(argv: list[str] | None = None) -> int:
 FULL_PRECISION = ("full precision", "-", 0, {})
 
 
-def run_one(task: tuple[str, str, int, dict[str, str]], model: Path, corpus: Path, windows: torch.Tensor,
-            opts: dict) -> dict:
-    """One table row, in a pool worker: calibrate (its own process) and evaluate.
+def evaluate(task: tuple[str, str, int, dict[str, str]], cal: dict | None, model: Path,
+             windows: torch.Tensor) -> dict:
+    """One table row: the perplexity of a calibrated checkpoint (or of the full model).
 
     Args:
         task: ``(name, method, block size, options)`` from :data:`RUNS`, or
-            :data:`FULL_PRECISION` (evaluation of the unquantized model only).
-        model, corpus: the inputs (:func:`ensure_inputs`).
+            :data:`FULL_PRECISION` (the unquantized model; ``cal`` None).
+        cal: what :func:`calibrate` returned for the run.
+        model: the full-precision model folder.
         windows: int64 ``[W, L]`` evaluation tokens (:func:`eval_tokens`).
-        opts: the CLI options (``vars(args)``).
 
     Returns:
-        The row (JSON-ready dict).
-
-    Raises:
-        RuntimeError: the calibration failed (its log is named).
+        The row (JSON-ready dict); ``eval_seconds`` is this evaluation's wall time at the
+        current ``torch.get_num_threads()`` (recorded as ``eval_threads``).
     """
     from vllm_sab.calibrate.reference_model import load_dequantized
 
-    torch.set_num_threads(opts["threads"])
-    torch.set_grad_enabled(False)
     name, method, block, options = task
     t0 = time.perf_counter()
-    if task == FULL_PRECISION:
+    if cal is None:
         ppl, count = perplexity(load_fp(model), windows)
         return {"name": name, "method": "-", "block_size": None, "options": {},
                 "true_bits": 32.0, "paper_bits": 32.0, "ppl": ppl, "tokens": count,
                 "note": "float32 values of the Q4_1 GGUF (4-bit weights, 5 true bits as shipped)",
-                "eval_seconds": time.perf_counter() - t0}
+                "eval_seconds": time.perf_counter() - t0, "eval_threads": torch.get_num_threads()}
     out = BUILD / "ckpt" / name
-    cal = calibrate(model, corpus, out, method, block, options, argparse.Namespace(**opts))
-    t0 = time.perf_counter()
     ppl, count = perplexity(load_dequantized(out, torch.float32), windows)
     s = cal["summary"]
     return {
@@ -315,7 +324,7 @@ def run_one(task: tuple[str, str, int, dict[str, str]], model: Path, corpus: Pat
         "bits_by_tensor": bits_breakdown(out), "ppl": ppl, "tokens": count,
         "layer_output_error": layer_output_error(out),
         "calib_seconds": cal["seconds"], "peak_rss_mib": cal["peak_rss_mib"],
-        "eval_seconds": time.perf_counter() - t0,
+        "eval_seconds": time.perf_counter() - t0, "eval_threads": torch.get_num_threads(),
     }
 
 
@@ -343,8 +352,8 @@ def _table(rows: list[dict], meta: dict) -> str:
         "",
         f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: perplexity over "
         f"{meta['evaluation']} ({meta['corpus']}, files disjoint from calibration). "
-        f"{meta.get('jobs', 1)} runs side by side with {meta['threads']} CPU thread(s) each (calibration times are "
-        "a run's own wall time with its neighbour running), "
+        f"{meta.get('jobs', 1)} calibrations side by side with {meta['threads']} CPU thread(s) each (calibration "
+        "times are a run's own wall time with its neighbour running; evaluations one at a time on the free cores), "
         f"torch {meta['torch']}. Whole run: {meta.get('total_seconds', 0) / 60:.1f} min"
         + (f" over {len(meta['invocations'])} invocations ("
            + "; ".join(f"`{i['command']}` {i['seconds'] / 60:.1f} min" for i in meta["invocations"]) + ")"

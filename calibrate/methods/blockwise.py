@@ -230,6 +230,10 @@ def break_point_search(
     non-salient quantiles over the whole block with the salient columns
     zeroed; here they are taken over the region only.
 
+    For a non-negative target (the saliency) and the plain squared error, the
+    errors come in closed form from each row's sorted region values
+    (:func:`_zone_errors`, orders 1 and 2), not by quantizing every candidate.
+
     Args:
         target: float32 ``[N, B]``, the saliency ``t``.
         region: bool ``[N, B]``, entries to split.
