@@ -264,12 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     running: dict[concurrent.futures.Future, tuple[str, str, int, dict[str, str]]] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         while pending or running or evals:
+            for fut in [f for f in running if f.done()]:  # before launching: a finished one frees its lane
+                evals.append((running.pop(fut), fut.result()))
             while pending and len(running) < args.jobs:
                 name, method, block, options = task = pending.pop(0)
                 running[pool.submit(calibrate, args.model, args.corpus, BUILD / "ckpt" / name, method, block,
                                     options, args)] = task
-            for fut in [f for f in running if f.done()]:
-                evals.append((running.pop(fut), fut.result()))
             if evals and not pending and len(running) < args.jobs:
                 task, cal = evals.pop(0)
                 torch.set_num_threads(args.threads * (args.jobs - len(running)))
