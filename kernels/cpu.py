@@ -17,8 +17,9 @@ backends, chosen from the CPU's flags at run time, never ``-march=native``):
   profile uses ``sum_j s_j x_j = 2 * sum_{s_j = +1} x_j - sum_j x_j``: one
   masked add per 16 weights.
 * prefill, larger ``M``: rows of ``W_hat`` are dequantized into a tile of
-  ``tile_rows`` rows (bfloat16 for bfloat16 activations, float32 otherwise)
-  and multiplied by torch's GEMM (oneDNN / MKL), one tile per task.
+  ``tile_rows`` rows (bfloat16 for bfloat16 activations on CPUs with a native
+  bfloat16 dot product, float32 otherwise) and multiplied by torch's GEMM
+  (oneDNN / MKL), one tile per task.
 
 Numerics: the weights the kernels build equal ``format.dequantize`` bit for
 bit (same float32 evaluation order); decode accumulates in float32 and differs
@@ -65,15 +66,44 @@ class CpuKernelConfig:
             tile has ``max(16, tile_bytes // (K * element size))`` rows. 2 MiB
             (256 rows of a bf16 K = 4096 tile): oneDNN's GEMM on 256-row tiles ran
             at 115-430 GFLOP/s against 96-340 on 64-row (L2-sized) ones (measured).
+        bf16_tiles: whether bfloat16 activations meet bfloat16 prefill tiles
+            (``W_hat`` rounded to bfloat16, as a dense bfloat16 layer stores it) or
+            exact float32 tiles (activations widened once, output rounded back).
+            ``None``: bfloat16 exactly where the CPU has a native bfloat16 dot product
+            (AVX512-BF16 or AMX), see :func:`native_bf16_gemm`. Without one, torch's
+            bfloat16 GEMM converts on the fly and is far slower than float32: on an
+            AVX2-only AMD EPYC (2 threads, 4096x4096) dense bf16 took 404 ms at M = 256
+            against 85 ms in float32 (``benchmarks/kernels_cpu.py --quick``).
     """
 
     decode_max_m: int = 8
     tile_bytes: int = 2 * 1024 * 1024
+    bf16_tiles: bool | None = None
+
+    def use_bf16_tiles(self, dtype: torch.dtype) -> bool:
+        """Whether prefill with activations of ``dtype`` builds bfloat16 tiles."""
+        if dtype != torch.bfloat16:
+            return False
+        return native_bf16_gemm() if self.bf16_tiles is None else self.bf16_tiles
 
     def tile_rows(self, k: int, dtype: torch.dtype) -> int:
         """Rows of ``W_hat`` per prefill tile for ``K = k`` and activations of ``dtype``."""
-        elem = 2 if dtype == torch.bfloat16 else 4
+        elem = 2 if self.use_bf16_tiles(dtype) else 4
         return max(16, self.tile_bytes // (k * elem) // 16 * 16)
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 ``vdpbf16ps`` or AMX-BF16).
+
+    Read from torch's CPU feature probes (``torch._C._cpu``); False where torch does not
+    expose them.
+    """
+    probes = getattr(torch._C, "_cpu", None)
+    if probes is None:
+        return False
+    return any(bool(getattr(probes, name, lambda: False)()) for name in
+               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 #: The configuration used unless a caller passes another (benchmarks/kernels_cpu.py
@@ -186,7 +216,8 @@ def cpu_linear(
     if module is None:
         raise RuntimeError(f"vllm_sab native CPU kernels are not available: {build_error()}")
     return module.linear(
-        x, *fmt.flat_layer(tensors, profile), isa, config.decode_max_m, config.tile_rows(x.shape[-1], x.dtype)
+        x, *fmt.flat_layer(tensors, profile), isa, config.decode_max_m,
+        config.tile_rows(x.shape[-1], x.dtype), config.use_bf16_tiles(x.dtype),
     )
 
 

@@ -85,10 +85,35 @@ def test_linear_against_independent_reference(layers, case, dtype, isa):
         y = cpu.cpu_linear(x, t, p, isa)
         assert y.dtype == dtype and y.shape == (m, n)
         y_ref = x.double() @ w_ref.t()
-        prefill_bf16 = m > cpu.DEFAULT_CONFIG.decode_max_m and dtype == torch.bfloat16
+        prefill_bf16 = m > cpu.DEFAULT_CONFIG.decode_max_m and cpu.DEFAULT_CONFIG.use_bf16_tiles(dtype)
         bound = _bound(x, w_ref, y_ref, dtype, torch.finfo(torch.bfloat16).eps / 2 if prefill_bf16 else 0.0)
         err = (y.double() - y_ref).abs()
         assert bool((err <= bound).all()), f"M={m}: max error / bound {float((err / bound).max()):.3g}"
+
+
+@pytest.mark.parametrize("bf16_tiles", [False, True])
+def test_prefill_tile_dtype_for_bf16_activations(layers, bf16_tiles):
+    """bf16 prefill: float32 tiles are exact (the float32 bound); bfloat16 tiles hold W_hat
+    rounded to bfloat16, so they equal a float32-accumulated GEMM on W_hat.bfloat16()."""
+    n, k, p, t, w_ref = layers[2]
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    cfg = cpu.CpuKernelConfig(decode_max_m=0, bf16_tiles=bf16_tiles)
+    y = cpu.cpu_linear(x, t, p, config=cfg).double()
+    w_used = w_ref.float().to(torch.bfloat16).double() if bf16_tiles else w_ref
+    y_ref = x.double() @ w_used.t()
+    assert bool(((y - y_ref).abs() <= _bound(x, w_used, y_ref, torch.bfloat16, 0.0)).all())
+    if not bf16_tiles:  # and rounding W to bfloat16 is visible at this size: the test can tell
+        y_bf16w = x.double() @ w_ref.float().to(torch.bfloat16).double().t()
+        assert not bool(((y_bf16w - y_ref).abs() <= _bound(x, w_ref, y_ref, torch.bfloat16, 0.0)).all())
+
+
+def test_bf16_tiles_follow_the_cpu(monkeypatch):
+    """Auto (None) builds bfloat16 tiles exactly where the CPU multiplies bfloat16 natively."""
+    for native in (False, True):
+        monkeypatch.setattr(cpu, "native_bf16_gemm", lambda native=native: native)
+        assert cpu.CpuKernelConfig().use_bf16_tiles(torch.bfloat16) is native
+        assert cpu.CpuKernelConfig().use_bf16_tiles(torch.float16) is False
+        assert cpu.CpuKernelConfig(bf16_tiles=not native).use_bf16_tiles(torch.bfloat16) is (not native)
 
 
 @pytest.mark.parametrize("decode_max_m", [0, 16])

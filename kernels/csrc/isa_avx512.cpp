@@ -1,7 +1,8 @@
 // AVX-512 backend (16 float lanes, mask registers) of the sab CPU kernels.
 //
 // Backend interface that sab_kernels.inc expects from `struct V`:
-//   L                      lanes;  F: float vector;  M: lane mask
+//   L                      lanes;  F: float vector;  M: lane mask, used only through
+//                          blend, add_masked and apply_sign (so AVX2 keeps just its sign bit)
 //   zero(), set1(f), load(p), store(p, v), store_bf16(p, v)   (bf16: round to nearest even)
 //   add, sub, mul, fma(a, b, c) = a * b + c, hsum(v)
 //   mask(bits)             lane i set iff bit i of bits

@@ -130,7 +130,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
                      const c10::optional<torch::Tensor>& col_scale,
                      const c10::optional<torch::Tensor>& offset, int64_t block, int64_t zone_bits,
                      int64_t salient, bool salient_zoned, bool col_scaled, bool has_offset,
-                     const std::string& isa, int64_t decode_max_m, int64_t tile_rows) {
+                     const std::string& isa, int64_t decode_max_m, int64_t tile_rows,
+                     bool bf16_tiles) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "sab_cpu.linear: x must be a 2-D CPU tensor, got ",
               x.sizes());
   const auto xt = x.scalar_type();
@@ -180,10 +181,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
     return xt == torch::kFloat ? y : y.to(xt);
   }
 
-  // Prefill: y^T[rows] = tile[rows, K] @ x_stored^T, one tile per task. bfloat16 activations
+  // Prefill: y^T[rows] = tile[rows, K] @ x_stored^T, one tile per task. With bf16_tiles
+  // (the caller's choice: where the CPU multiplies bfloat16 natively), bfloat16 activations
   // meet bfloat16 tiles (W rounded to bfloat16, as a dense bfloat16 layer stores it);
-  // float32 and float16 activations meet exact float32 tiles.
-  const bool bf16 = xt == torch::kBFloat16;
+  // otherwise every activation dtype meets exact float32 tiles.
+  const bool bf16 = bf16_tiles && xt == torch::kBFloat16;
   const auto ct = bf16 ? torch::kBFloat16 : torch::kFloat;
   auto xs = to_stored_order(x, perm, block).to(ct).contiguous();
   auto xsT = xs.t();
