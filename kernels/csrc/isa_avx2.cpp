@@ -21,6 +21,7 @@ namespace {
 
 struct V {
   static constexpr int L = 8;
+  static constexpr bool kMaskedAddIsOneOp = false;
   using F = __m256;
   using M = __m256;
   static F zero() { return _mm256_setzero_ps(); }

@@ -13,7 +13,9 @@
 //                          that flips a's signs cheapest (a per-lane sign mask here, a lane
 //                          mask in AVX2 and scalar); apply_sign(s, a) = bit ? a : -a
 //                          (a sign bit of 0 means -1)
-//   add_masked(m, acc, v)  acc + (m ? v : 0)
+//   add_masked(m, acc, v)  acc + (m ? v : 0); kMaskedAddIsOneOp: whether that is one instruction
+//                          (AVX-512 masked add), else (AVX2: blend + add) the sign decode
+//                          multiplies +-1 vectors with FMAs when it has several activation rows
 //   h2f(h)                 float16 bits -> float
 //   load_halves(p, n, out, end)  out[i] = h2f(p[i]) for i < n; may read p[n..] below `end`
 //                          (so out must hold n rounded up to 8 floats)
@@ -34,6 +36,7 @@ namespace {
 
 struct V {
   static constexpr int L = 16;
+  static constexpr bool kMaskedAddIsOneOp = true;
   using F = __m512;
   using M = __mmask16;
   static F zero() { return _mm512_setzero_ps(); }

@@ -11,6 +11,7 @@ namespace {
 
 struct V {
   static constexpr int L = 1;
+  static constexpr bool kMaskedAddIsOneOp = true;
   using F = float;
   using M = bool;
   static F zero() { return 0.0f; }
