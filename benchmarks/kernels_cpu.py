@@ -171,7 +171,8 @@ def write_markdown(res: dict, path: Path) -> None:
         f"CPU: {meta['cpu']}; flags: {', '.join(meta['flags'])}; threads: {meta['threads']}; "
         f"torch {meta['torch']}; native ISAs {', '.join(meta['native_isas'])}  ",
         f"Copy bandwidth (same run): {meta['copy_gbps']:.1f} GB/s (read + write). Cold caches: each "
-        f"measurement cycles through copies totalling > {COLD_BYTES >> 20} MiB. Activations bfloat16.",
+        f"measurement cycles through copies totalling > {COLD_BYTES >> 20} MiB. Activations bfloat16; "
+        f"prefill tiles {'bfloat16' if meta.get('native_bf16_gemm') else 'float32 (no native bf16 GEMM on this CPU)'}.",
         "",
         "Profiles (true bits / weight at 4096x4096): "
         + "; ".join(f"{nm} `{res['rows'][0]['profiles'][nm]['profile']}` "
@@ -226,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     ap.add_argument("--min-seconds", type=float, default=0.3, help="time per measurement (default 0.3)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    ap.add_argument("--suffix", default="",
+                    help="results file name suffix, e.g. 'avx2' writes kernels_cpu_avx2.* (keeps another "
+                         "machine's kernels_cpu.* beside it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if cpu.build_error():
@@ -234,13 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES[:1] if args.quick else SHAPES
     ms = [1, 16, 256] if args.quick else MS
     meta = dict(cpu_info(), command="python benchmarks/kernels_cpu.py" + (" --quick" if args.quick else "")
-                + (f" --threads {args.threads}" if args.threads != 2 else ""),
-                copy_gbps=copy_bandwidth(), kernel_config=vars(cpu.DEFAULT_CONFIG))
+                + (f" --threads {args.threads}" if args.threads != 2 else "")
+                + (f" --suffix {args.suffix}" if args.suffix else ""),
+                copy_gbps=copy_bandwidth(), kernel_config=vars(cpu.DEFAULT_CONFIG),
+                native_bf16_gemm=cpu.native_bf16_gemm())
     print(f"{meta['cpu']} | {', '.join(meta['flags'])} | threads {meta['threads']} | copy {meta['copy_gbps']:.1f} GB/s")
     res = run(shapes, ms, PROFILES, args.min_seconds)
     res["meta"] = meta
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "kernels_cpu_quick" if args.quick else "kernels_cpu"
+    stem = ("kernels_cpu_quick" if args.quick else "kernels_cpu") + (f"_{args.suffix}" if args.suffix else "")
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     write_markdown(res, args.out / f"{stem}.md")
     plot(res, args.out / f"{stem}.png")
