@@ -24,9 +24,10 @@ backends, chosen from the CPU's flags at run time, never ``-march=native``):
 Numerics: the weights the kernels build equal ``format.dequantize`` bit for
 bit (same float32 evaluation order); decode accumulates in float32 and differs
 from :func:`reference_linear` only in the order of the sum. Prefill with
-float32 / float16 activations is exact in the same sense; with bfloat16
-activations the tile holds ``W_hat`` rounded to bfloat16 (round to nearest
-even), what a dense bfloat16 layer stores, and the GEMM accumulates in float32.
+float32 tiles is exact in the same sense; bfloat16 tiles (bfloat16 activations
+on a CPU with a native bfloat16 dot product) hold ``W_hat`` rounded to bfloat16
+(round to nearest even), what a dense bfloat16 layer stores, and the GEMM
+accumulates in float32.
 """
 
 from __future__ import annotations
