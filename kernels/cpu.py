@@ -94,17 +94,31 @@ class CpuKernelConfig:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the operating system reports (``/proc/cpuinfo``, Linux).
+
+    Lower-case names as Linux spells them (``avx512_bf16``, ``amx_bf16``); an empty set
+    where the file is missing or has no ``flags`` line (not Linux), so callers then
+    assume the feature is absent.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
 def native_bf16_gemm() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 ``vdpbf16ps`` or AMX-BF16).
 
-    Read from torch's CPU feature probes (``torch._C._cpu``); False where torch does not
-    expose them.
+    Read from :func:`cpu_flags` (torch 2.13 exposes no probe for either: the
+    ``torch._C._cpu`` names an earlier version of this function asked for do not exist
+    there, so it answered False on an AVX512-BF16 CPU and prefill ran 2.5x slower).
     """
-    probes = getattr(torch._C, "_cpu", None)
-    if probes is None:
-        return False
-    return any(bool(getattr(probes, name, lambda: False)()) for name in
-               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 #: The configuration used unless a caller passes another (benchmarks/kernels_cpu.py

@@ -116,6 +116,31 @@ def test_bf16_tiles_follow_the_cpu(monkeypatch):
         assert cpu.CpuKernelConfig(bf16_tiles=not native).use_bf16_tiles(torch.bfloat16) is (not native)
 
 
+@pytest.mark.parametrize("flags, native", [
+    ({"avx2", "avx512f", "avx512_bf16"}, True),
+    ({"avx2", "amx_bf16", "amx_tile"}, True),
+    ({"avx2", "avx512f", "avx512_vnni"}, False),
+    (set(), False),
+])
+def test_native_bf16_gemm_reads_the_cpu_flags(monkeypatch, flags, native):
+    """AVX512-BF16 or AMX-BF16 in the flags makes the CPU a native bfloat16 multiplier."""
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    assert cpu.native_bf16_gemm() is native
+
+
+def test_native_bf16_gemm_on_this_machine():
+    """The probe agrees with the flags line the kernel reports for this CPU (grep, not the parser)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo: the flags cannot be read independently here")
+    flags_line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    if not flags_line:
+        pytest.skip("/proc/cpuinfo has no flags line on this system")
+    expected = " avx512_bf16" in flags_line or " amx_bf16" in flags_line
+    assert cpu.native_bf16_gemm() is expected
+
+
 @pytest.mark.parametrize("decode_max_m", [0, 16])
 def test_decode_and_prefill_paths_agree(layers, decode_max_m):
     """The same M through either path (forced by the config) gives the same fp32 result up to order."""
