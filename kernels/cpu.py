@@ -49,8 +49,21 @@ from vllm_sab import format as fmt
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("sab_cpu.cpp", "isa_avx512.cpp", "isa_avx2.cpp", "isa_scalar.cpp")
-HEADERS = ("sab_cpu.h", "sab_kernels.inc")
+SOURCES = ("sab_cpu.cpp", "isa_avx512.cpp", "isa_avx512bf16.cpp", "isa_avx2.cpp", "isa_scalar.cpp")
+HEADERS = ("sab_cpu.h", "avx512_backend.inc", "sab_kernels.inc", "sab_kernels_bf16.inc")
+
+
+#: Kernel paths of one call (the binding's ``path`` argument, sab_cpu.cpp).
+PATH_TILES, PATH_DECODE_F32, PATH_DECODE_BF16 = 0, 1, 2
+#: Most activation rows the decode kernels take (sab_cpu::kMaxDecodeM).
+MAX_DECODE_M = 16
+
+
+def is_sign_profile(profile: fmt.LayerProfile) -> bool:
+    """Whether ``profile`` is the plain sign profile (one zone, no salient columns, no
+    column scales, no offset), which has decode loops of its own."""
+    return (profile.zone_bits == 0 and profile.salient == 0 and not profile.col_scale
+            and not profile.offset)
 
 
 @dataclass(frozen=True)
@@ -63,13 +76,24 @@ class CpuKernelConfig:
             this project's AMD EPYC (4096x4096, bf16, 2 threads): the decode kernel
             takes activations 8 rows per pass, so M = 9..16 builds the weights twice,
             and there the tiles were faster (sign M = 16: 2.9 against 5.4 ms).
+        sign_bf16_decode_max_m: the same bound for the sign profile where its decode
+            runs on bfloat16 dot products (see ``bf16_weights``): two passes of 8 rows
+            still beat the tiles there (M = 16, 4096x4096: 1.14x against 0.56x bf16).
+        bf16_decode_min_m: smallest ``M`` at which the other profiles' decode uses the
+            bfloat16 dot product. Below it every built weight meets one or two
+            activation rows, the multiplies are a small part of the work and the
+            float32 decode was as fast or faster (M = 1-2); from M = 4 the dot product
+            was 1.1-1.4x faster (4096x4096, 2 threads, A/B in one process).
         tile_bytes: target size of one dequantized prefill tile (bytes); the
             tile has ``max(16, tile_bytes // (K * element size))`` rows. 2 MiB
             (256 rows of a bf16 K = 4096 tile): oneDNN's GEMM on 256-row tiles ran
             at 115-430 GFLOP/s against 96-340 on 64-row (L2-sized) ones (measured).
-        bf16_tiles: whether bfloat16 activations meet bfloat16 prefill tiles
-            (``W_hat`` rounded to bfloat16, as a dense bfloat16 layer stores it) or
-            exact float32 tiles (activations widened once, output rounded back).
+        bf16_weights: whether bfloat16 activations meet ``W_hat`` rounded to
+            bfloat16 (round to nearest even, as a dense bfloat16 layer stores it):
+            in the prefill tiles, and in the decode where the CPU has AVX512-BF16
+            (``vdpbf16ps``: 32 products per instruction against 16 for a float32
+            FMA); otherwise exact float32 weights (activations widened once, output
+            rounded back). The sign profile's +-1 weights are exact either way.
             ``None``: bfloat16 exactly where the CPU has a native bfloat16 dot product
             (AVX512-BF16 or AMX), see :func:`native_bf16_gemm`. Without one, torch's
             bfloat16 GEMM converts on the fly and is far slower than float32: on an
@@ -79,17 +103,40 @@ class CpuKernelConfig:
 
     decode_max_m: int = 8
     tile_bytes: int = 2 * 1024 * 1024
-    bf16_tiles: bool | None = None
+    bf16_weights: bool | None = None
+    sign_bf16_decode_max_m: int = 16
+    bf16_decode_min_m: int = 4
 
-    def use_bf16_tiles(self, dtype: torch.dtype) -> bool:
-        """Whether prefill with activations of ``dtype`` builds bfloat16 tiles."""
+    def use_bf16_weights(self, dtype: torch.dtype) -> bool:
+        """Whether activations of ``dtype`` meet bfloat16-rounded weights (see ``bf16_weights``)."""
         if dtype != torch.bfloat16:
             return False
-        return native_bf16_gemm() if self.bf16_tiles is None else self.bf16_tiles
+        return native_bf16_gemm() if self.bf16_weights is None else self.bf16_weights
+
+    def path(self, m: int, dtype: torch.dtype, profile: fmt.LayerProfile, bf16_dot: bool) -> int:
+        """Which kernel serves ``M = m`` rows of ``dtype`` activations for ``profile``.
+
+        Args:
+            bf16_dot: whether the chosen instruction set has the bfloat16 dot-product
+                decode (AVX-512 on a CPU with AVX512-BF16, :func:`has_bf16_dot`).
+
+        Returns:
+            ``PATH_TILES`` (prefill tiles), ``PATH_DECODE_F32`` (decode, float32
+            weights and activations) or ``PATH_DECODE_BF16`` (decode, bfloat16 dot
+            products).
+        """
+        bf16 = bf16_dot and self.use_bf16_weights(dtype)
+        sign = is_sign_profile(profile)
+        limit = min(self.sign_bf16_decode_max_m if bf16 and sign else self.decode_max_m, MAX_DECODE_M)
+        if m > limit:
+            return PATH_TILES
+        if bf16 and (sign or m >= self.bf16_decode_min_m):
+            return PATH_DECODE_BF16
+        return PATH_DECODE_F32
 
     def tile_rows(self, k: int, dtype: torch.dtype) -> int:
         """Rows of ``W_hat`` per prefill tile for ``K = k`` and activations of ``dtype``."""
-        elem = 2 if self.use_bf16_tiles(dtype) else 4
+        elem = 2 if self.use_bf16_weights(dtype) else 4
         return max(16, self.tile_bytes // (k * elem) // 16 * 16)
 
 
@@ -203,6 +250,14 @@ def available_isas() -> tuple[str, ...]:
     return tuple(module.available_isas()) if module is not None else ()
 
 
+@functools.lru_cache(maxsize=None)
+def has_bf16_dot() -> bool:
+    """Whether the extension's AVX-512 backend has its bfloat16 dot-product decode here
+    (the CPU has AVX512-BF16; False where the extension is not built)."""
+    module, _ = _load()
+    return bool(module.has_bf16_dot()) if module is not None else False
+
+
 def cpu_linear(
     x: torch.Tensor,
     tensors: Mapping[str, torch.Tensor],
@@ -230,9 +285,11 @@ def cpu_linear(
     module = extension()
     if module is None:
         raise RuntimeError(f"vllm_sab native CPU kernels are not available: {build_error()}")
+    path = config.path(x.shape[0] if x.dim() == 2 else 0, x.dtype, profile,
+                       has_bf16_dot() and (isa or available_isas()[0]) == "avx512")
     return module.linear(
-        x, *fmt.flat_layer(tensors, profile), isa, config.decode_max_m,
-        config.tile_rows(x.shape[-1], x.dtype), config.use_bf16_tiles(x.dtype),
+        x, *fmt.flat_layer(tensors, profile), isa, path,
+        config.tile_rows(x.shape[-1], x.dtype), config.use_bf16_weights(x.dtype),
     )
 
 

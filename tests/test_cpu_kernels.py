@@ -73,6 +73,15 @@ def _bound(x: torch.Tensor, w_ref: torch.Tensor, y_ref: torch.Tensor, out_dtype:
     return (w_round + (k + 2) * U32) * s + 2 * u_out * y_ref.abs() + 1e-30
 
 
+def _w_round(cfg: cpu.CpuKernelConfig, m: int, dtype: torch.dtype, p: fmt.LayerProfile, isa: str) -> float:
+    """Relative rounding of W_hat on the path ``cfg`` takes: u(bf16) where the weights are
+    rounded to bfloat16 (bf16 tiles; the bf16 decode except the sign profile's exact +-1)."""
+    path = cfg.path(m, dtype, p, cpu.has_bf16_dot() and isa == "avx512")
+    rounded = (path == cpu.PATH_TILES and cfg.use_bf16_weights(dtype)) or (
+        path == cpu.PATH_DECODE_BF16 and not cpu.is_sign_profile(p))
+    return torch.finfo(torch.bfloat16).eps / 2 if rounded else 0.0
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
@@ -85,35 +94,106 @@ def test_linear_against_independent_reference(layers, case, dtype, isa):
         y = cpu.cpu_linear(x, t, p, isa)
         assert y.dtype == dtype and y.shape == (m, n)
         y_ref = x.double() @ w_ref.t()
-        prefill_bf16 = m > cpu.DEFAULT_CONFIG.decode_max_m and cpu.DEFAULT_CONFIG.use_bf16_tiles(dtype)
-        bound = _bound(x, w_ref, y_ref, dtype, torch.finfo(torch.bfloat16).eps / 2 if prefill_bf16 else 0.0)
+        bound = _bound(x, w_ref, y_ref, dtype, _w_round(cpu.DEFAULT_CONFIG, m, dtype, p, isa))
         err = (y.double() - y_ref).abs()
         assert bool((err <= bound).all()), f"M={m}: max error / bound {float((err / bound).max()):.3g}"
 
 
-@pytest.mark.parametrize("bf16_tiles", [False, True])
-def test_prefill_tile_dtype_for_bf16_activations(layers, bf16_tiles):
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_prefill_tile_dtype_for_bf16_activations(layers, bf16_weights):
     """bf16 prefill: float32 tiles are exact (the float32 bound); bfloat16 tiles hold W_hat
     rounded to bfloat16, so they equal a float32-accumulated GEMM on W_hat.bfloat16()."""
     n, k, p, t, w_ref = layers[2]
     x = torch.randn(40, k, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    cfg = cpu.CpuKernelConfig(decode_max_m=0, bf16_tiles=bf16_tiles)
+    cfg = cpu.CpuKernelConfig(decode_max_m=0, sign_bf16_decode_max_m=0, bf16_weights=bf16_weights)
     y = cpu.cpu_linear(x, t, p, config=cfg).double()
-    w_used = w_ref.float().to(torch.bfloat16).double() if bf16_tiles else w_ref
+    w_used = w_ref.float().to(torch.bfloat16).double() if bf16_weights else w_ref
     y_ref = x.double() @ w_used.t()
     assert bool(((y - y_ref).abs() <= _bound(x, w_used, y_ref, torch.bfloat16, 0.0)).all())
-    if not bf16_tiles:  # and rounding W to bfloat16 is visible at this size: the test can tell
+    if not bf16_weights:  # and rounding W to bfloat16 is visible at this size: the test can tell
         y_bf16w = x.double() @ w_ref.float().to(torch.bfloat16).double().t()
         assert not bool(((y_bf16w - y_ref).abs() <= _bound(x, w_ref, y_ref, torch.bfloat16, 0.0)).all())
 
 
-def test_bf16_tiles_follow_the_cpu(monkeypatch):
-    """Auto (None) builds bfloat16 tiles exactly where the CPU multiplies bfloat16 natively."""
+def test_bf16_weights_follow_the_cpu(monkeypatch):
+    """Auto (None) rounds W to bfloat16 exactly where the CPU multiplies bfloat16 natively."""
     for native in (False, True):
         monkeypatch.setattr(cpu, "native_bf16_gemm", lambda native=native: native)
-        assert cpu.CpuKernelConfig().use_bf16_tiles(torch.bfloat16) is native
-        assert cpu.CpuKernelConfig().use_bf16_tiles(torch.float16) is False
-        assert cpu.CpuKernelConfig(bf16_tiles=not native).use_bf16_tiles(torch.bfloat16) is (not native)
+        assert cpu.CpuKernelConfig().use_bf16_weights(torch.bfloat16) is native
+        assert cpu.CpuKernelConfig().use_bf16_weights(torch.float16) is False
+        assert cpu.CpuKernelConfig(bf16_weights=not native).use_bf16_weights(torch.bfloat16) is (not native)
+
+
+SIGN, BITMAP = fmt.LayerProfile(128), fmt.LayerProfile(128, zone_bits=1, salient=8, salient_zoned=True,
+                                                         col_scale=True)
+
+
+@pytest.mark.parametrize("m, dtype, p, dot, want", [
+    (1, torch.bfloat16, SIGN, True, cpu.PATH_DECODE_BF16),     # sign: exact +-1, every M
+    (16, torch.bfloat16, SIGN, True, cpu.PATH_DECODE_BF16),
+    (17, torch.bfloat16, SIGN, True, cpu.PATH_TILES),
+    (16, torch.bfloat16, SIGN, False, cpu.PATH_TILES),         # float32 decode stops at 8
+    (8, torch.bfloat16, SIGN, False, cpu.PATH_DECODE_F32),
+    (1, torch.bfloat16, BITMAP, True, cpu.PATH_DECODE_F32),    # below bf16_decode_min_m
+    (4, torch.bfloat16, BITMAP, True, cpu.PATH_DECODE_BF16),
+    (9, torch.bfloat16, BITMAP, True, cpu.PATH_TILES),
+    (4, torch.float32, BITMAP, True, cpu.PATH_DECODE_F32),     # only bf16 activations
+    (1, torch.float16, SIGN, True, cpu.PATH_DECODE_F32),
+])
+def test_kernel_path_choice(monkeypatch, m, dtype, p, dot, want):
+    """The path table: decode / bf16 dot / tiles by M, activation dtype, profile and CPU."""
+    monkeypatch.setattr(cpu, "native_bf16_gemm", lambda: True)
+    assert cpu.CpuKernelConfig().path(m, dtype, p, dot) == want
+
+
+needs_bf16_dot = pytest.mark.skipif(not cpu.has_bf16_dot(), reason="this CPU has no AVX512-BF16")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
+def test_bf16_decode_uses_bf16_rounded_weights(layers, case):
+    """The bfloat16 dot-product decode equals a float32-accumulated product with W_hat rounded
+    to bfloat16 (the bf16 tiles' weights); the sign profile's +-1 keep it exact. Every M of
+    the decode, with the row tiles' remainders (odd N in CASES)."""
+    n, k, p, t, w_ref = layers[case]
+    cfg = cpu.CpuKernelConfig(decode_max_m=16, bf16_decode_min_m=1, bf16_weights=True)
+    exact = cpu.is_sign_profile(p)
+    w_used = w_ref if exact else w_ref.float().to(torch.bfloat16).double()
+    g = torch.Generator().manual_seed(100 + case)
+    for m in (1, 2, 3, 4, 7, 8, 9, 16):
+        assert cfg.path(m, torch.bfloat16, p, True) == cpu.PATH_DECODE_BF16
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        y = cpu.cpu_linear(x, t, p, "avx512", config=cfg).double()
+        y_ref = x.double() @ w_used.t()
+        err = (y - y_ref).abs()
+        bound = _bound(x, w_used, y_ref, torch.bfloat16, 0.0)
+        assert bool((err <= bound).all()), f"M={m}: max error / bound {float((err / bound).max()):.3g}"
+
+
+@needs_bf16_dot
+def test_bf16_decode_differs_from_exact_where_rounding_shows(layers):
+    """The test above can tell: for a bitmap profile the bf16 decode is outside the exact
+    path's float32 bound, and inside it with the float32 decode of the same layer."""
+    n, k, p, t, w_ref = layers[2]
+    assert not cpu.is_sign_profile(p)
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    y_ref = x.double() @ w_ref.t()
+    bound = _bound(x, w_ref, y_ref, torch.bfloat16, 0.0)
+    for weights, inside in ((True, False), (False, True)):
+        cfg = cpu.CpuKernelConfig(decode_max_m=16, bf16_decode_min_m=1, bf16_weights=weights)
+        y = cpu.cpu_linear(x, t, p, "avx512", config=cfg).double()
+        assert bool(((y - y_ref).abs() <= bound).all()) is inside
+
+
+def test_bf16_decode_refuses_other_activations(layers):
+    """The binding checks the path it is told to take: bf16 decode needs bf16 activations."""
+    n, k, p, t, w_ref = layers[0]
+    module = cpu.extension()
+    x = torch.randn(2, k)
+    with pytest.raises(RuntimeError, match="bfloat16 decode needs bfloat16 activations"):
+        module.linear(x, *fmt.flat_layer(t, p), "", cpu.PATH_DECODE_BF16, 256, True)
+    with pytest.raises(RuntimeError, match="path must be 0"):
+        module.linear(x, *fmt.flat_layer(t, p), "", 7, 256, True)
 
 
 @pytest.mark.parametrize("flags, native", [

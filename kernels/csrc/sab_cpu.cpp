@@ -1,6 +1,7 @@
 // Torch binding of the sab CPU kernels: argument checks, activation layout, threads, and the
-// choice between the decode kernel (M <= decode_max_m: weights built in registers, never
-// stored) and the prefill path (dequantized cache-sized tiles fed to torch's GEMM).
+// path the caller chose (kernels/cpu.py): the decode kernels (weights built in registers,
+// never stored; float32, or bfloat16 dot products) or the prefill path (dequantized
+// cache-sized tiles fed to torch's GEMM).
 //
 // Threads come from torch's intra-op pool (at::parallel_for), never a pool of our own, so
 // torch.set_num_threads and vLLM's CPU thread binding apply. The instruction set is chosen
@@ -12,6 +13,8 @@
 #include <algorithm>
 #include <string>
 #include <vector>
+
+#include <cstring>
 
 #include "sab_cpu.h"
 
@@ -29,6 +32,7 @@ bool cpu_has(const char* what) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }
+  if (w == "avx512_bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
   if (w == "avx2") {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
@@ -38,6 +42,12 @@ bool cpu_has(const char* what) {
   (void)what;
   return false;
 #endif
+}
+
+// Whether the AVX-512 backend's bfloat16 dot-product decode runs here.
+bool has_bf16_dot() {
+  static const bool have = cpu_has("avx512_bf16") && sab_cpu::avx512bf16_gemv() != nullptr;
+  return have;
 }
 
 // Instruction sets this CPU can run, best first.
@@ -114,7 +124,7 @@ LayerView make_view(const torch::Tensor& packed, const c10::optional<torch::Tens
 }
 
 // x [M, K] -> its columns in stored order (idx[j] = B * (j / B) + perm[j]); the prefill
-// path's (its cost is amortized over M > decode_max_m rows).
+// path's (its cost is amortized over the many rows that take this path).
 torch::Tensor to_stored_order(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm,
                               int64_t block) {
   if (!perm.has_value()) return x;
@@ -130,8 +140,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
                      const c10::optional<torch::Tensor>& col_scale,
                      const c10::optional<torch::Tensor>& offset, int64_t block, int64_t zone_bits,
                      int64_t salient, bool salient_zoned, bool col_scaled, bool has_offset,
-                     const std::string& isa, int64_t decode_max_m, int64_t tile_rows,
-                     bool bf16_tiles) {
+                     const std::string& isa, int64_t path, int64_t tile_rows,
+                     bool bf16_weights) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "sab_cpu.linear: x must be a 2-D CPU tensor, got ",
               x.sizes());
   const auto xt = x.scalar_type();
@@ -145,9 +155,41 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
   const IsaOps* ops = isa_ops(isa);
   if (m == 0) return torch::empty({0, n}, x.options());
 
-  if (m <= std::min(decode_max_m, sab_cpu::kMaxDecodeM)) {
-    // Decode: float32 activations in stored order, padded to the kernel's register tile.
+  // path: the caller's choice (kernels/cpu.py CpuKernelConfig.path): 0 prefill tiles,
+  // 1 float32 decode, 2 bfloat16 dot-product decode (AVX512-BF16, bfloat16 activations).
+  // bf16_weights (where the CPU multiplies bfloat16 natively): bfloat16 activations meet
+  // W rounded to bfloat16, as a dense bfloat16 layer stores it, in the prefill tiles.
+  TORCH_CHECK(path >= 0 && path <= 2, "sab_cpu.linear: path must be 0 (tiles), 1 (float32 decode) "
+              "or 2 (bfloat16 decode), got ", path);
+  TORCH_CHECK(path == 0 || m <= sab_cpu::kMaxDecodeM, "sab_cpu.linear: the decode takes at most ",
+              sab_cpu::kMaxDecodeM, " rows, got M=", m);
+  const bool bf16 = bf16_weights && xt == torch::kBFloat16;
+  if (path != 0) {
     const int64_t mt = sab_cpu::decode_tile(m);
+    if (path == 2) {
+      TORCH_CHECK(xt == torch::kBFloat16 && has_bf16_dot() && std::string(ops->name) == "avx512",
+                  "sab_cpu.linear: the bfloat16 decode needs bfloat16 activations (got ",
+                  c10::toString(xt), ") and the avx512 instruction set on a CPU with AVX512-BF16");
+      // bfloat16 activations in stored order, padded to the register tile, bits copied.
+      auto xs = torch::zeros({mt, k}, torch::kBFloat16);
+      const auto xc = x.contiguous();
+      const uint16_t* in = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+      uint16_t* out = reinterpret_cast<uint16_t*>(xs.data_ptr<at::BFloat16>());
+      if (perm.has_value()) {
+        const int16_t* pp = perm->data_ptr<int16_t>();
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < k; ++j) out[i * k + j] = in[i * k + (j / block) * block + pp[j]];
+      } else {
+        std::memcpy(out, in, static_cast<size_t>(m * k) * sizeof(uint16_t));
+      }
+      auto y = torch::zeros({m, n}, torch::kFloat);
+      const auto gemv = sab_cpu::avx512bf16_gemv();
+      float* yp = y.data_ptr<float>();
+      const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
+      at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { gemv(L, out, m, yp, n, n0, n1); });
+      return y.to(xt);
+    }
+    // Decode: float32 activations in stored order, padded to the kernel's register tile.
     auto xs = torch::zeros({mt, k}, torch::kFloat);
     if (perm.has_value()) {
       // One gather-and-convert pass on the decode path (M <= 16 rows), instead of building
@@ -181,11 +223,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
     return xt == torch::kFloat ? y : y.to(xt);
   }
 
-  // Prefill: y^T[rows] = tile[rows, K] @ x_stored^T, one tile per task. With bf16_tiles
-  // (the caller's choice: where the CPU multiplies bfloat16 natively), bfloat16 activations
-  // meet bfloat16 tiles (W rounded to bfloat16, as a dense bfloat16 layer stores it);
-  // otherwise every activation dtype meets exact float32 tiles.
-  const bool bf16 = bf16_tiles && xt == torch::kBFloat16;
+  // Prefill: y^T[rows] = tile[rows, K] @ x_stored^T, one tile per task: bfloat16 tiles with
+  // bf16 (above), otherwise every activation dtype meets exact float32 tiles.
   const auto ct = bf16 ? torch::kBFloat16 : torch::kFloat;
   auto xs = to_stored_order(x, perm, block).to(ct).contiguous();
   auto xsT = xs.t();
@@ -244,6 +283,7 @@ torch::Tensor dequantize_stored(const torch::Tensor& packed, const c10::optional
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sab format v1 CPU kernels (AVX-512 / AVX2 / scalar, chosen at run time)";
   m.def("available_isas", &available_isas, "Instruction sets this CPU runs, best first.");
+  m.def("has_bf16_dot", &has_bf16_dot, "Whether the bfloat16 dot-product decode runs on this CPU.");
   m.def("linear", &linear, "y = x W_hat^T for one sab layer (format v1).");
   m.def("dequantize_stored", &dequantize_stored, "W_stored [N, K] (stored column order).");
 }

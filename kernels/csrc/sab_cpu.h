@@ -64,6 +64,14 @@ inline void lane_block_sums(const float* x, int64_t mt, int64_t k, int64_t block
   }
 }
 
+// Decode with bfloat16 weights and activations (AVX512-BF16, isa_avx512bf16.cpp):
+// y[m * ldy + n] += sum_j x[m * K + j] * bf16(W_stored[n, j]) (round to nearest even; the
+// sign profile's +-1 weights are exact), float32 accumulation. x: bfloat16 bits [mt, K] in
+// stored column order, mt = decode_tile(M), rows >= M zero. M <= kMaxDecodeM.
+using GemvBf16 = void (*)(const LayerView& L, const uint16_t* x, int64_t m, float* y, int64_t ldy,
+                          int64_t n0, int64_t n1);
+GemvBf16 avx512bf16_gemv();  // nullptr where not compiled (not x86)
+
 const IsaOps* isa_avx512();
 const IsaOps* isa_avx2();
 const IsaOps* isa_scalar();
