@@ -16,18 +16,26 @@ backends, chosen from the CPU's flags at run time, never ``-march=native``):
   with the activations as it is built; ``W_hat`` is never stored. The sign
   profile uses ``sum_j s_j x_j = 2 * sum_{s_j = +1} x_j - sum_j x_j``: one
   masked add per 16 weights.
+* decode on bfloat16 dot products (``csrc/sab_kernels_bf16.inc``): bfloat16
+  activations on a CPU with AVX512-BF16 meet the built weights rounded to
+  bfloat16, 32 products per ``vdpbf16ps``; the sign profile builds exact +-1
+  there and decodes this way up to ``sign_bf16_decode_max_m`` (16), the other
+  profiles from ``bf16_decode_min_m`` (4). :meth:`CpuKernelConfig.path` is the
+  table.
 * prefill, larger ``M``: rows of ``W_hat`` are dequantized into a tile of
   ``tile_rows`` rows (bfloat16 for bfloat16 activations on CPUs with a native
   bfloat16 dot product, float32 otherwise) and multiplied by torch's GEMM
   (oneDNN / MKL), one tile per task.
 
 Numerics: the weights the kernels build equal ``format.dequantize`` bit for
-bit (same float32 evaluation order); decode accumulates in float32 and differs
-from :func:`reference_linear` only in the order of the sum. Prefill with
-float32 tiles is exact in the same sense; bfloat16 tiles (bfloat16 activations
-on a CPU with a native bfloat16 dot product) hold ``W_hat`` rounded to bfloat16
-(round to nearest even), what a dense bfloat16 layer stores, and the GEMM
-accumulates in float32.
+bit (same float32 evaluation order); the float32 decode accumulates in float32
+and differs from :func:`reference_linear` only in the order of the sum.
+Prefill with float32 tiles is exact in the same sense. With ``bf16_weights``
+(bfloat16 activations on a CPU with a native bfloat16 dot product) the
+bfloat16 tiles and the bfloat16 decode use ``W_hat`` rounded to bfloat16
+(round to nearest even), what a dense bfloat16 layer stores, with exact
+products and float32 accumulation; the sign profile's bfloat16 decode stays
+exact (+-1 times bfloat16 activations, row scale applied in float32).
 """
 
 from __future__ import annotations

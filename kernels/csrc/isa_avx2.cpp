@@ -22,6 +22,7 @@ namespace {
 struct V {
   static constexpr int L = 8;
   static constexpr bool kMaskedAddIsOneOp = false;
+  static constexpr bool kSignsOnActivations = false;
   using F = __m256;
   using M = __m256;
   static F zero() { return _mm256_setzero_ps(); }
@@ -38,6 +39,7 @@ struct V {
   }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F neg(F a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static float hsum(F v) {

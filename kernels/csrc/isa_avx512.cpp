@@ -13,6 +13,9 @@
 //                          that flips a's signs cheapest (a per-lane sign mask here, a lane
 //                          mask in AVX2 and scalar); apply_sign(s, a) = bit ? a : -a
 //                          (a sign bit of 0 means -1)
+//   neg(v)                 -v (sign bit flipped, so -(+0) = -0)
+//   kSignsOnActivations    whether the one-row decode flips the activations' signs with a
+//                          mask-register blend instead of the weights' (see gemv_tile)
 //   add_masked(m, acc, v)  acc + (m ? v : 0); kMaskedAddIsOneOp: whether that is one instruction
 //                          (AVX-512 masked add), else (AVX2: blend + add) the sign decode
 //                          multiplies +-1 vectors with FMAs when it has several activation rows

@@ -12,6 +12,7 @@ namespace {
 struct V {
   static constexpr int L = 1;
   static constexpr bool kMaskedAddIsOneOp = true;
+  static constexpr bool kSignsOnActivations = false;
   using F = float;
   using M = bool;
   static F zero() { return 0.0f; }
@@ -25,6 +26,7 @@ struct V {
   }
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
+  static F neg(F a) { return -a; }
   static F mul(F a, F b) { return a * b; }
   // The baseline x86-64 ISA has no FMA instruction, so this is a rounded multiply, then add.
   static F fma(F a, F b, F c) { return a * b + c; }
