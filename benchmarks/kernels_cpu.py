@@ -172,7 +172,8 @@ def write_markdown(res: dict, path: Path) -> None:
         f"torch {meta['torch']}; native ISAs {', '.join(meta['native_isas'])}  ",
         f"Copy bandwidth (same run): {meta['copy_gbps']:.1f} GB/s (read + write). Cold caches: each "
         f"measurement cycles through copies totalling > {COLD_BYTES >> 20} MiB. Activations bfloat16; "
-        f"prefill tiles {'bfloat16' if meta.get('native_bf16_gemm') else 'float32 (no native bf16 GEMM on this CPU)'}.",
+        f"prefill tiles {'bfloat16' if meta.get('native_bf16_gemm') else 'float32 (no native bf16 GEMM on this CPU)'}; "
+        f"decode {'on AVX512-BF16 dot products (sign profile: every decode M; others: M >= ' + str(meta['kernel_config'].get('bf16_decode_min_m')) + ')' if meta.get('bf16_dot') else 'float32'}.",
         "",
         "Profiles (true bits / weight at 4096x4096): "
         + "; ".join(f"{nm} `{res['rows'][0]['profiles'][nm]['profile']}` "
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f" --threads {args.threads}" if args.threads != 2 else "")
                 + (f" --suffix {args.suffix}" if args.suffix else ""),
                 copy_gbps=copy_bandwidth(), kernel_config=vars(cpu.DEFAULT_CONFIG),
-                native_bf16_gemm=cpu.native_bf16_gemm())
+                native_bf16_gemm=cpu.native_bf16_gemm(), bf16_dot=cpu.has_bf16_dot())
     print(f"{meta['cpu']} | {', '.join(meta['flags'])} | threads {meta['threads']} | copy {meta['copy_gbps']:.1f} GB/s")
     res = run(shapes, ms, PROFILES, args.min_seconds)
     res["meta"] = meta
