@@ -11,10 +11,9 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
-
-#include <cstring>
 
 #include "sab_cpu.h"
 
@@ -133,6 +132,39 @@ torch::Tensor to_stored_order(const torch::Tensor& x, const c10::optional<torch:
   return x.index_select(1, idx);
 }
 
+// The decode's activations: x [M, K] in stored column order as `dtype` (float32, or
+// bfloat16 for the bfloat16 decode, whose x is already bfloat16: a copy), zero-padded to
+// mt >= M rows (the kernel's register tile). One gather-and-convert pass where there is a
+// permutation, instead of building an index tensor and running index_select + copy on every
+// call (M <= 16 rows).
+torch::Tensor decode_activations(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm,
+                                 int64_t block, int64_t mt, c10::ScalarType dtype) {
+  const int64_t m = x.size(0), k = x.size(1);
+  auto xs = torch::zeros({mt, k}, dtype);
+  const auto xc = x.contiguous();
+  if (!perm.has_value() && xc.scalar_type() == dtype) {
+    // A plain byte copy: Tensor::copy_ costs more than the sign decode's own work at M = 1.
+    std::memcpy(xs.data_ptr(), xc.data_ptr(), static_cast<size_t>(m * k) * xc.element_size());
+    return xs;
+  }
+  if (!perm.has_value()) {
+    xs.narrow(0, 0, m).copy_(xc);
+    return xs;
+  }
+  const int16_t* pp = perm->data_ptr<int16_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "sab_gather", [&] {
+    using in_t = scalar_t;
+    const in_t* in = xc.data_ptr<in_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "sab_gather_out", [&] {
+      scalar_t* out = xs.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < k; ++j)
+          out[i * k + j] = static_cast<scalar_t>(in[i * k + (j / block) * block + pp[j]]);
+    });
+  });
+  return xs;
+}
+
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
                      const c10::optional<torch::Tensor>& zone,
                      const c10::optional<torch::Tensor>& residual,
@@ -165,61 +197,30 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
               sab_cpu::kMaxDecodeM, " rows, got M=", m);
   const bool bf16 = bf16_weights && xt == torch::kBFloat16;
   if (path != 0) {
+    TORCH_CHECK(path == 1 || (xt == torch::kBFloat16 && has_bf16_dot() &&
+                              std::string(ops->name) == "avx512"),
+                "sab_cpu.linear: the bfloat16 decode needs bfloat16 activations (got ",
+                c10::toString(xt), ") and the avx512 instruction set on a CPU with AVX512-BF16");
     const int64_t mt = sab_cpu::decode_tile(m);
-    if (path == 2) {
-      TORCH_CHECK(xt == torch::kBFloat16 && has_bf16_dot() && std::string(ops->name) == "avx512",
-                  "sab_cpu.linear: the bfloat16 decode needs bfloat16 activations (got ",
-                  c10::toString(xt), ") and the avx512 instruction set on a CPU with AVX512-BF16");
-      // bfloat16 activations in stored order, padded to the register tile, bits copied.
-      auto xs = torch::zeros({mt, k}, torch::kBFloat16);
-      const auto xc = x.contiguous();
-      const uint16_t* in = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-      uint16_t* out = reinterpret_cast<uint16_t*>(xs.data_ptr<at::BFloat16>());
-      if (perm.has_value()) {
-        const int16_t* pp = perm->data_ptr<int16_t>();
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < k; ++j) out[i * k + j] = in[i * k + (j / block) * block + pp[j]];
-      } else {
-        std::memcpy(out, in, static_cast<size_t>(m * k) * sizeof(uint16_t));
-      }
-      auto y = torch::zeros({m, n}, torch::kFloat);
-      const auto gemv = sab_cpu::avx512bf16_gemv();
-      float* yp = y.data_ptr<float>();
-      const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
-      at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { gemv(L, out, m, yp, n, n0, n1); });
-      return y.to(xt);
-    }
-    // Decode: float32 activations in stored order, padded to the kernel's register tile.
-    auto xs = torch::zeros({mt, k}, torch::kFloat);
-    if (perm.has_value()) {
-      // One gather-and-convert pass on the decode path (M <= 16 rows), instead of building
-      // an index tensor and running index_select + copy on every call.
-      const auto xc = x.contiguous();
-      const int16_t* pp = perm->data_ptr<int16_t>();
-      float* out = xs.data_ptr<float>();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "sab_gather", [&] {
-        const scalar_t* in = xc.data_ptr<scalar_t>();
-        for (int64_t i = 0; i < m; ++i) {
-          for (int64_t j = 0; j < k; ++j) {
-            out[i * k + j] = static_cast<float>(in[i * k + (j / block) * block + pp[j]]);
-          }
-        }
-      });
-    } else {
-      xs.narrow(0, 0, m).copy_(x);
-    }
-    std::vector<float> xsum;
-    if (sab_cpu::is_sign_profile(L)) {
-      xsum.resize(static_cast<size_t>(mt * (k / block) * ops->lanes));
-      sab_cpu::lane_block_sums(xs.data_ptr<float>(), mt, k, block, ops->lanes, xsum.data());
-    }
-    auto y = torch::zeros({m, n}, torch::kFloat);  // the kernel adds K panels into it
-    const float* xp = xs.data_ptr<float>();
+    const auto xs = decode_activations(x, perm, block, mt, path == 2 ? torch::kBFloat16 : torch::kFloat);
+    auto y = torch::zeros({m, n}, torch::kFloat);  // the kernels add K panels into it
     float* yp = y.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
-    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-      ops->gemv(L, xp, xsum.data(), m, yp, n, n0, n1);
-    });
+    if (path == 2) {
+      const auto gemv = sab_cpu::avx512bf16_gemv();
+      const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>());
+      at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { gemv(L, xp, m, yp, n, n0, n1); });
+    } else {
+      const float* xp = xs.data_ptr<float>();
+      std::vector<float> xsum;
+      if (sab_cpu::is_sign_profile(L)) {
+        xsum.resize(static_cast<size_t>(mt * (k / block) * ops->lanes));
+        sab_cpu::lane_block_sums(xp, mt, k, block, ops->lanes, xsum.data());
+      }
+      at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+        ops->gemv(L, xp, xsum.data(), m, yp, n, n0, n1);
+      });
+    }
     return xt == torch::kFloat ? y : y.to(xt);
   }
 
