@@ -57,12 +57,13 @@ from vllm_sab import format as fmt
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("sab_cpu.cpp", "isa_avx512.cpp", "isa_avx512bf16.cpp", "isa_avx2.cpp", "isa_scalar.cpp")
-HEADERS = ("sab_cpu.h", "avx512_backend.inc", "sab_kernels.inc", "sab_kernels_bf16.inc")
+SOURCES = ("sab_cpu.cpp", "isa_avx512.cpp", "isa_avx512bf16.cpp", "isa_avx512vnni.cpp", "isa_avx2.cpp",
+           "isa_scalar.cpp")
+HEADERS = ("sab_cpu.h", "avx512_backend.inc", "sab_kernels.inc", "sab_kernels_bf16.inc", "sab_kernels_int8.inc")
 
 
 #: Kernel paths of one call (the binding's ``path`` argument, sab_cpu.cpp).
-PATH_TILES, PATH_DECODE_F32, PATH_DECODE_BF16 = 0, 1, 2
+PATH_TILES, PATH_DECODE_F32, PATH_DECODE_BF16, PATH_DECODE_INT8 = 0, 1, 2, 3
 #: Most activation rows the decode kernels take (sab_cpu::kMaxDecodeM).
 MAX_DECODE_M = 16
 
@@ -114,6 +115,14 @@ class CpuKernelConfig:
     bf16_weights: bool | None = None
     sign_bf16_decode_max_m: int = 16
     bf16_decode_min_m: int = 4
+    int8_activations: bool = False
+    int8_decode_max_m: int = 1
+
+    def int8_supported(self, profile: fmt.LayerProfile) -> bool:
+        """Whether the int8-activation decode can take ``profile``: no offsets, block size a
+        multiple of 64, not the sign profile (csrc/sab_kernels_int8.inc ``int8_supports``)."""
+        return (not profile.offset and profile.block_size % 64 == 0 and not is_sign_profile(profile)
+                and profile.num_slots <= 16)
 
     def use_bf16_weights(self, dtype: torch.dtype) -> bool:
         """Whether activations of ``dtype`` meet bfloat16-rounded weights (see ``bf16_weights``)."""
@@ -121,18 +130,24 @@ class CpuKernelConfig:
             return False
         return native_bf16_gemm() if self.bf16_weights is None else self.bf16_weights
 
-    def path(self, m: int, dtype: torch.dtype, profile: fmt.LayerProfile, bf16_dot: bool) -> int:
+    def path(self, m: int, dtype: torch.dtype, profile: fmt.LayerProfile, bf16_dot: bool,
+             int8_dot: bool = False) -> int:
         """Which kernel serves ``M = m`` rows of ``dtype`` activations for ``profile``.
 
         Args:
             bf16_dot: whether the chosen instruction set has the bfloat16 dot-product
                 decode (AVX-512 on a CPU with AVX512-BF16, :func:`has_bf16_dot`).
+            int8_dot: whether it has the int8-activation decode (AVX-512 on a CPU with
+                AVX512-VNNI, :func:`has_int8_dot`).
 
         Returns:
             ``PATH_TILES`` (prefill tiles), ``PATH_DECODE_F32`` (decode, float32
-            weights and activations) or ``PATH_DECODE_BF16`` (decode, bfloat16 dot
-            products).
+            weights and activations), ``PATH_DECODE_BF16`` (decode, bfloat16 dot
+            products) or ``PATH_DECODE_INT8`` (decode, int8 activations).
         """
+        if (self.int8_activations and int8_dot and 0 < m <= self.int8_decode_max_m
+                and self.int8_supported(profile)):
+            return PATH_DECODE_INT8
         bf16 = bf16_dot and self.use_bf16_weights(dtype)
         sign = is_sign_profile(profile)
         limit = min(self.sign_bf16_decode_max_m if bf16 and sign else self.decode_max_m, MAX_DECODE_M)
@@ -259,6 +274,14 @@ def available_isas() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=None)
+def has_int8_dot() -> bool:
+    """Whether the extension's AVX-512 backend has its int8-activation (VNNI) decode here
+    (the CPU has AVX512-VNNI; False where the extension is not built)."""
+    module, _ = _load()
+    return bool(module.has_int8_dot()) if module is not None else False
+
+
+@functools.lru_cache(maxsize=None)
 def has_bf16_dot() -> bool:
     """Whether the extension's AVX-512 backend has its bfloat16 dot-product decode here
     (the CPU has AVX512-BF16; False where the extension is not built)."""
@@ -293,8 +316,9 @@ def cpu_linear(
     module = extension()
     if module is None:
         raise RuntimeError(f"vllm_sab native CPU kernels are not available: {build_error()}")
+    avx512 = (isa or available_isas()[0]) == "avx512"
     path = config.path(x.shape[0] if x.dim() == 2 else 0, x.dtype, profile,
-                       has_bf16_dot() and (isa or available_isas()[0]) == "avx512")
+                       has_bf16_dot() and avx512, has_int8_dot() and avx512)
     return module.linear(
         x, *fmt.flat_layer(tensors, profile), isa, path,
         config.tile_rows(x.shape[-1], x.dtype), config.use_bf16_weights(x.dtype),

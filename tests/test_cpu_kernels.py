@@ -394,3 +394,125 @@ def test_float8_row_scales_go_to_the_reference_unless_widened():
     ref = x.double() @ ref_dequantize(t, p).double().T
     torch.testing.assert_close(ops.linear(x, t, p).double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ops.linear(x, tw, wide).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- int8-activation decode (AVX512-VNNI) ---------------------------------------------
+# Profiles the int8 decode takes (no offsets, block % 64 == 0): packed salient slots
+# (s <= 8; zoned with 2 and 4 zones, not zoned), salient slots through the chunks (s > 8,
+# residual bytes across chunks), no salient columns, s == B (no non-salient slot); odd N
+# for the row tiles' remainder.
+INT8_CASES = [
+    (37, 256, P8 := fmt.LayerProfile(128, zone_bits=1, salient=8, salient_zoned=True, col_scale=True)),
+    (20, 384, fmt.LayerProfile(128, zone_bits=2, col_scale=True)),
+    (19, 256, fmt.LayerProfile(64, zone_bits=2, salient=5, salient_zoned=True, col_scale=True)),
+    (18, 256, fmt.LayerProfile(128, zone_bits=1, salient=8)),
+    (21, 384, fmt.LayerProfile(192, zone_bits=1, salient=70, salient_zoned=True, col_scale=True)),
+    (15, 512, fmt.LayerProfile(256, salient=13, col_scale=True)),
+    (9, 128, fmt.LayerProfile(64, zone_bits=1, salient=64, salient_zoned=True, col_scale=True)),
+]
+INT8_IDS = [f"{p.key}-N{n}-K{k}" for n, k, p in INT8_CASES]
+needs_int8_dot = pytest.mark.skipif(not cpu.has_int8_dot(), reason="this CPU has no AVX512-VNNI")
+INT8_CFG = cpu.CpuKernelConfig(int8_activations=True, int8_decode_max_m=16)
+
+
+def _slot_weights(t: dict, p: fmt.LayerProfile) -> list[torch.Tensor]:
+    """W_t [N, K] float64 per scale slot t, original column order: a_r[n, b, t] * (+-1) where
+    slot t applies, 0 elsewhere (ref_dequantize with every other slot's row scale zeroed and
+    unit column scales; profiles without offsets, so sum_t W_t * a_c[t] = W_hat)."""
+    out = []
+    for slot in range(p.num_slots):
+        scale = torch.zeros_like(t[fmt.SCALE])
+        scale[..., slot] = t[fmt.SCALE][..., slot]
+        ts = dict(t, **{fmt.SCALE: scale})
+        if p.col_scale:
+            ts[fmt.COL_SCALE] = torch.ones_like(t[fmt.COL_SCALE])
+        out.append(ref_dequantize(ts, p).double())
+    return out
+
+
+def _int8_expected(x: torch.Tensor, t: dict, p: fmt.LayerProfile, w_slots: list[torch.Tensor]):
+    """The int8 decode's result from its definition (csrc/sab_kernels_int8.inc): per
+    (activation row, block, slot) d = max |a_c[t] x| / 127 over the positions of t's class,
+    q = round_half_even(a_c[t] x / d) in float32, y = sum_t (q d) @ W_t^T, here in float64.
+    Returns (y, s) with s = sum_t |q d| @ |W_t|^T for the rounding bound."""
+    m, k = x.shape
+    B, s_cnt = p.block_size, p.salient
+    idx = stored_index(p, k, t)
+    xs = x.float()[:, idx]  # stored order
+    salient_pos = (torch.arange(k) % B) < s_cnt
+    n_ns = p.num_nonsalient_zones
+    y = torch.zeros(m, w_slots[0].shape[0], dtype=torch.float64)
+    s = torch.zeros_like(y)
+    for slot, w in enumerate(w_slots):
+        ac = t[fmt.COL_SCALE][slot].float() if p.col_scale else torch.ones(k)
+        keep = salient_pos if slot >= n_ns else ~salient_pos
+        v = torch.where(keep, xs * ac, torch.zeros(()))
+        amax = v.abs().view(m, k // B, B).amax(-1, keepdim=True)
+        inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+        q = torch.round(v.view(m, k // B, B) * inv)
+        xq_stored = (q.double() * (amax / 127.0).double()).view(m, k)
+        xq = torch.empty_like(xq_stored)
+        xq[:, idx] = xq_stored
+        y += xq @ w.t()
+        s += xq.abs() @ w.abs().t()
+    return y, s
+
+
+@needs_int8_dot
+@pytest.mark.parametrize("case", range(len(INT8_CASES)), ids=INT8_IDS)
+def test_int8_decode_equals_its_definition(case):
+    """The int8 decode equals the quantize-then-multiply definition above (independent of
+    the kernel: element-wise W_t from docs/format.md), up to float32 rounding of the
+    per-block scale products and sums; and its distance from the exact product is the
+    quantization error, far above that rounding (the test can tell the two apart)."""
+    n, k, p = INT8_CASES[case]
+    t = random_layer(p, n, k, 500 + case)
+    w_slots = _slot_weights(t, p)
+    w_ref = ref_dequantize(t, p).double()
+    g = torch.Generator().manual_seed(case)
+    for m in (1, 2, 3):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            assert INT8_CFG.path(m, dtype, p, True, True) == cpu.PATH_DECODE_INT8
+            y = cpu.cpu_linear(x, t, p, "avx512", config=INT8_CFG).double()
+            y_def, s = _int8_expected(x, t, p, w_slots)
+            y_def_out = y_def.to(dtype).double()
+            # float32: a_r * d (one rounding), float(S) exact (|S| < 2^24), the fma chains
+            # and the final sum over slots and blocks (K/64 + T terms per lane < K rounding
+            # steps); then the output rounding to dtype.
+            bound = (k + 4) * U32 * s + torch.finfo(dtype).eps * y_def.abs() + 1e-30
+            err = (y - y_def).abs()
+            assert bool((err <= bound).all()), f"M={m} {dtype}: max err/bound {float((err / bound).max()):.3g}"
+            exact = x.double() @ w_ref.t()
+            if dtype == torch.float32:
+                assert float((exact - y_def).abs().max()) > 10 * float(bound.max())
+            del y_def_out
+
+
+@needs_int8_dot
+def test_int8_decode_error_is_small_against_exact():
+    """Quantization costs what int8 with per-block absmax scales should: relative error of
+    the outputs well under 1 % on Gaussian activations (arb-rc/sab profile, K = 1024)."""
+    p = P8
+    n, k = 64, 1024
+    t = random_layer(p, n, k, 7)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
+    y = cpu.cpu_linear(x, t, p, "avx512", config=INT8_CFG).double()
+    exact = cpu.cpu_linear(x, t, p, "avx512").double()
+    rel = float((y - exact).norm() / exact.norm())
+    assert 1e-5 < rel < 1e-2, rel
+
+
+@needs_int8_dot
+def test_int8_decode_refuses_what_it_cannot_take():
+    """Offsets, blocks not a multiple of 64, the sign profile: the config never picks the
+    int8 path for them, and the binding refuses it by name if told to."""
+    module = cpu.extension()
+    for p in (fmt.LayerProfile(128, zone_bits=1, salient=8, offset=True), fmt.LayerProfile(96, zone_bits=1),
+              fmt.LayerProfile(128)):
+        assert INT8_CFG.path(1, torch.float32, p, True, True) != cpu.PATH_DECODE_INT8
+        t = random_layer(p, 8, 384, 0)
+        with pytest.raises(RuntimeError, match="int8 decode needs"):
+            module.linear(torch.randn(1, 384), *fmt.flat_layer(t, p), "", cpu.PATH_DECODE_INT8, 256, False)
+    assert INT8_CFG.path(1, torch.float32, P8, True, False) != cpu.PATH_DECODE_INT8  # no VNNI
+    assert cpu.CpuKernelConfig(int8_activations=False).path(1, torch.float32, P8, True, True) != cpu.PATH_DECODE_INT8

@@ -32,6 +32,7 @@ bool cpu_has(const char* what) {
            __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }
   if (w == "avx512_bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
+  if (w == "avx512_vnni") return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
   if (w == "avx2") {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
@@ -46,6 +47,12 @@ bool cpu_has(const char* what) {
 // Whether the AVX-512 backend's bfloat16 dot-product decode runs here.
 bool has_bf16_dot() {
   static const bool have = cpu_has("avx512_bf16") && sab_cpu::avx512bf16_gemv() != nullptr;
+  return have;
+}
+
+// Whether the AVX-512 backend's int8-activation decode (VNNI) runs here.
+bool has_int8_dot() {
+  static const bool have = cpu_has("avx512_vnni") && sab_cpu::avx512vnni_int8() != nullptr;
   return have;
 }
 
@@ -188,14 +195,31 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
   if (m == 0) return torch::empty({0, n}, x.options());
 
   // path: the caller's choice (kernels/cpu.py CpuKernelConfig.path): 0 prefill tiles,
-  // 1 float32 decode, 2 bfloat16 dot-product decode (AVX512-BF16, bfloat16 activations).
+  // 1 float32 decode, 2 bfloat16 dot-product decode (AVX512-BF16, bfloat16 activations),
+  // 3 int8-activation decode (AVX512-VNNI).
   // bf16_weights (where the CPU multiplies bfloat16 natively): bfloat16 activations meet
   // W rounded to bfloat16, as a dense bfloat16 layer stores it, in the prefill tiles.
-  TORCH_CHECK(path >= 0 && path <= 2, "sab_cpu.linear: path must be 0 (tiles), 1 (float32 decode) "
-              "or 2 (bfloat16 decode), got ", path);
+  TORCH_CHECK(path >= 0 && path <= 3, "sab_cpu.linear: path must be 0 (tiles), 1 (float32 decode), "
+              "2 (bfloat16 decode) or 3 (int8 decode), got ", path);
   TORCH_CHECK(path == 0 || m <= sab_cpu::kMaxDecodeM, "sab_cpu.linear: the decode takes at most ",
               sab_cpu::kMaxDecodeM, " rows, got M=", m);
   const bool bf16 = bf16_weights && xt == torch::kBFloat16;
+  if (path == 3) {
+    const sab_cpu::Int8Decode* q8 = sab_cpu::avx512vnni_int8();
+    TORCH_CHECK(has_int8_dot() && std::string(ops->name) == "avx512" && q8->supports(L),
+                "sab_cpu.linear: the int8 decode needs the avx512 instruction set on a CPU with "
+                "AVX512-VNNI and a profile without offsets whose block size is a multiple of 64 "
+                "(not the sign profile)");
+    const auto xs = decode_activations(x, perm, block, m, torch::kFloat);
+    auto buf = torch::empty({q8->act_bytes(L, m)}, torch::kByte);
+    uint8_t* bp = buf.data_ptr<uint8_t>();
+    q8->quantize(L, xs.data_ptr<float>(), m, bp);
+    auto y = torch::zeros({m, n}, torch::kFloat);
+    float* yp = y.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
+    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { q8->gemv(L, bp, m, yp, n, n0, n1); });
+    return xt == torch::kFloat ? y : y.to(xt);
+  }
   if (path != 0) {
     TORCH_CHECK(path == 1 || (xt == torch::kBFloat16 && has_bf16_dot() &&
                               std::string(ops->name) == "avx512"),
@@ -285,6 +309,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sab format v1 CPU kernels (AVX-512 / AVX2 / scalar, chosen at run time)";
   m.def("available_isas", &available_isas, "Instruction sets this CPU runs, best first.");
   m.def("has_bf16_dot", &has_bf16_dot, "Whether the bfloat16 dot-product decode runs on this CPU.");
+  m.def("has_int8_dot", &has_int8_dot, "Whether the int8-activation (VNNI) decode runs on this CPU.");
   m.def("linear", &linear, "y = x W_hat^T for one sab layer (format v1).");
   m.def("dequantize_stored", &dequantize_stored, "W_stored [N, K] (stored column order).");
 }

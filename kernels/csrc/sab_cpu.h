@@ -72,6 +72,21 @@ using GemvBf16 = void (*)(const LayerView& L, const uint16_t* x, int64_t m, floa
                           int64_t n0, int64_t n1);
 GemvBf16 avx512bf16_gemv();  // nullptr where not compiled (not x86)
 
+// Decode with int8 activations (AVX512-VNNI, isa_avx512vnni.cpp; sab_kernels_int8.inc):
+// the activations are quantized once per call per (row, block, scale slot), absmax / 127,
+// and the kernel sums +-q exactly in int32. Profiles without offsets, block % 64 == 0.
+struct Int8Decode {
+  bool (*supports)(const LayerView& L);
+  // Bytes of the quantized activations of m rows.
+  int64_t (*act_bytes)(const LayerView& L, int64_t m);
+  // x: float32 [m, K] in stored column order -> buf (act_bytes(L, m) bytes).
+  void (*quantize)(const LayerView& L, const float* x, int64_t m, uint8_t* buf);
+  // y[i * ldy + n] += sum_j xq[i, j] W_stored[n, j] for i < m, n in [n0, n1) (y zeroed).
+  void (*gemv)(const LayerView& L, const uint8_t* buf, int64_t m, float* y, int64_t ldy,
+               int64_t n0, int64_t n1);
+};
+const Int8Decode* avx512vnni_int8();  // nullptr where not compiled (not x86)
+
 const IsaOps* isa_avx512();
 const IsaOps* isa_avx2();
 const IsaOps* isa_scalar();
