@@ -398,7 +398,7 @@ def test_float8_row_scales_go_to_the_reference_unless_widened():
 
 # ---- int8-activation decode (AVX512-VNNI) ---------------------------------------------
 # Profiles the int8 decode takes (no offsets, block % 64 == 0): packed salient slots
-# (s <= 8; zoned with 2 and 4 zones, not zoned), salient slots through the chunks (s > 8,
+# (s <= 8; zoned with 2 and 4 zones, not zoned; 8 < s <= 16), salient slots through the chunks (s > 16,
 # residual bytes across chunks), no salient columns, s == B (no non-salient slot); odd N
 # for the row tiles' remainder.
 INT8_CASES = [
@@ -409,6 +409,11 @@ INT8_CASES = [
     (21, 384, fmt.LayerProfile(192, zone_bits=1, salient=70, salient_zoned=True, col_scale=True)),
     (15, 512, fmt.LayerProfile(256, salient=13, col_scale=True)),
     (9, 128, fmt.LayerProfile(64, zone_bits=1, salient=64, salient_zoned=True, col_scale=True)),
+    # 16-byte packed salient slots (8 < s <= 16): zoned with 2 zones, one salient zone; and
+    # 4 salient zones, which do not fit and take the chunks
+    (23, 256, fmt.LayerProfile(128, zone_bits=1, salient=13, salient_zoned=True, col_scale=True)),
+    (13, 256, fmt.LayerProfile(128, zone_bits=2, salient=16, col_scale=True)),
+    (11, 256, fmt.LayerProfile(128, zone_bits=2, salient=11, salient_zoned=True, col_scale=True)),
 ]
 INT8_IDS = [f"{p.key}-N{n}-K{k}" for n, k, p in INT8_CASES]
 needs_int8_dot = pytest.mark.skipif(not cpu.has_int8_dot(), reason="this CPU has no AVX512-VNNI")
