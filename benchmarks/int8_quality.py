@@ -74,6 +74,24 @@ def native_linears(model: torch.nn.Module, ckpt: Path, config) -> torch.nn.Modul
     return model
 
 
+def write_markdown(rows: list[dict], meta: dict, path: Path) -> str:
+    """The results table as Markdown, written to ``path``; returns it."""
+    lines = ["# Int8-activation decode: quality cost on the shipped model", "",
+             f"Command: `{meta['command']}`  ",
+             f"Model `{meta['model']}`, {meta['num_samples']} calibration samples, {meta['eval_samples']} held-out "
+             f"questions, {meta['threads']} CPU threads. Both columns run the native CPU kernels on the packed "
+             "checkpoint; int8 quantizes every activation row (prefill included, a worst case).", "",
+             "| method | KL(exact ‖ int8) nats | top-1 agree exact/int8 | KL(fp ‖ exact) | KL(fp ‖ int8) | "
+             "accuracy exact | accuracy int8 | same greedy answers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['exact_vs_int8']['kl']:.1e} | {r['exact_vs_int8']['top1_agreement'] * 100:.2f}% | "
+                     f"{r['fp_vs_exact']['kl']:.4f} | {r['fp_vs_int8']['kl']:.4f} | {r['accuracy_exact'] * 100:.1f}% | "
+                     f"{r['accuracy_int8'] * 100:.1f}% | {r['same_answers']}/{meta['eval_samples']} |")
+    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -129,20 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_samples": args.num_samples, "eval_samples": args.eval_samples, "threads": torch.get_num_threads()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "int8_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = ["# Int8-activation decode: quality cost on the shipped model", "",
-             f"Command: `{meta['command']}`  ",
-             f"Model `{meta['model']}`, {args.num_samples} calibration samples, {args.eval_samples} held-out "
-             f"questions, {meta['threads']} CPU threads. Both columns run the native CPU kernels on the packed "
-             "checkpoint; int8 quantizes every activation row (prefill included, a worst case).", "",
-             "| method | KL(exact ‖ int8) nats | top-1 agree exact/int8 | KL(fp ‖ exact) | KL(fp ‖ int8) | "
-             "accuracy exact | accuracy int8 | same greedy answers |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['exact_vs_int8']['kl']:.5f} | {r['exact_vs_int8']['top1_agreement'] * 100:.2f}% | "
-                     f"{r['fp_vs_exact']['kl']:.4f} | {r['fp_vs_int8']['kl']:.4f} | {r['accuracy_exact'] * 100:.1f}% | "
-                     f"{r['accuracy_int8'] * 100:.1f}% | {r['same_answers']}/{args.eval_samples} |")
-    (out / "int8_quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_markdown(rows, meta, out / "int8_quality.md"))
     return 0
 
 

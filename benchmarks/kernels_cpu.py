@@ -48,6 +48,8 @@ PROFILES = {
     "uniform2": P(128, salient=128, offset=True),
     "bivlm": P(128, zone_bits=2, col_scale=True),
 }
+PATH_NAMES = {cpu.PATH_TILES: "tiles", cpu.PATH_DECODE_F32: "decode-f32", cpu.PATH_DECODE_BF16: "decode-bf16",
+              cpu.PATH_DECODE_INT8: "decode-int8"}
 COLD_BYTES = 4 * 32 * 2**20  # 4x this machine's 32 MiB L3
 
 
@@ -149,6 +151,8 @@ def run(shapes, ms, profiles, min_seconds: float) -> dict:
                 t = time_cycle(lambda tt: kern.run(x, tt, p), copies, min_seconds)
                 row["profiles"][name] = {
                     "profile": p.key, "kernel": kern.name,
+                    "path": PATH_NAMES[cpu.DEFAULT_CONFIG.path(m, torch.bfloat16, p, cpu.has_bf16_dot(), cpu.has_int8_dot())]
+                    if kern.name == "cpu-avx512" else None,
                     "true_bits": fmt.true_bits_per_weight(p, n, k),
                     "ms": t * 1e3, "speedup_vs_bf16": t16 / t, "speedup_vs_fp32": t32 / t,
                     "gbps": nbytes(copies[0]) / t / 1e9,
@@ -173,7 +177,9 @@ def write_markdown(res: dict, path: Path) -> None:
         f"Copy bandwidth (same run): {meta['copy_gbps']:.1f} GB/s (read + write). Cold caches: each "
         f"measurement cycles through copies totalling > {COLD_BYTES >> 20} MiB. Activations bfloat16; "
         f"prefill tiles {'bfloat16' if meta.get('native_bf16_gemm') else 'float32 (no native bf16 GEMM on this CPU)'}; "
-        f"decode {'on AVX512-BF16 dot products (sign profile: every decode M; others: M >= ' + str(meta['kernel_config'].get('bf16_decode_min_m')) + ')' if meta.get('bf16_dot') else 'float32'}.",
+        f"decode {'on AVX512-BF16 dot products (sign profile: every decode M; others: M >= ' + str(meta['kernel_config'].get('bf16_decode_min_m')) + ')' if meta.get('bf16_dot') else 'float32'}"
+        + (f"; int8 activations on AVX512-VNNI for the profiles without offsets at M <= {meta['kernel_config'].get('int8_decode_max_m')}"
+           if meta.get("int8_dot") and meta["kernel_config"].get("int8_activations") else "") + ".",
         "",
         "Profiles (true bits / weight at 4096x4096): "
         + "; ".join(f"{nm} `{res['rows'][0]['profiles'][nm]['profile']}` "
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f" --threads {args.threads}" if args.threads != 2 else "")
                 + (f" --suffix {args.suffix}" if args.suffix else ""),
                 copy_gbps=copy_bandwidth(), kernel_config=vars(cpu.DEFAULT_CONFIG),
-                native_bf16_gemm=cpu.native_bf16_gemm(), bf16_dot=cpu.has_bf16_dot())
+                native_bf16_gemm=cpu.native_bf16_gemm(), bf16_dot=cpu.has_bf16_dot(), int8_dot=cpu.has_int8_dot())
     print(f"{meta['cpu']} | {', '.join(meta['flags'])} | threads {meta['threads']} | copy {meta['copy_gbps']:.1f} GB/s")
     res = run(shapes, ms, PROFILES, args.min_seconds)
     res["meta"] = meta

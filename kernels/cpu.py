@@ -108,6 +108,20 @@ class CpuKernelConfig:
             bfloat16 GEMM converts on the fly and is far slower than float32: on an
             AVX2-only AMD EPYC (2 threads, 4096x4096) dense bf16 took 404 ms at M = 256
             against 85 ms in float32 (``benchmarks/kernels_cpu.py --quick``).
+        int8_activations: whether the decode of the profiles without offsets (ARB-RC,
+            SAB, Bi-VLM) quantizes its activations to int8 on a CPU with AVX512-VNNI
+            (``csrc/sab_kernels_int8.inc``: per (token, block, scale slot) absmax / 127,
+            exact int32 sums of +-q by ``vpdpbusd``). On by default: on the shipped model
+            it moved the next-token distribution by KL 5e-6-1.3e-5 nats against the exact
+            kernels, 75-800x less than the binarization itself, with the same greedy
+            answers on 899-900 of 900 questions (``benchmarks/results/int8_quality.md``),
+            and made the ARB-RC / SAB M = 1 decode about 1.7x faster
+            (4096x4096 cold, A/B in one process, ``benchmarks/results/kernels_cpu.md``). ``SAB_CPU_INT8_ACTIVATIONS=0``
+            in the environment switches it off for :data:`DEFAULT_CONFIG` (the exact
+            float32 decode then serves every M).
+        int8_decode_max_m: largest ``M`` on the int8 decode. It takes activation rows one
+            at a time over the same weights, so its cost grows with M; it beat the other
+            decodes at M = 1-2 and lost at M = 4 (4096x4096, 2 threads).
     """
 
     decode_max_m: int = 8
@@ -115,8 +129,8 @@ class CpuKernelConfig:
     bf16_weights: bool | None = None
     sign_bf16_decode_max_m: int = 16
     bf16_decode_min_m: int = 4
-    int8_activations: bool = False
-    int8_decode_max_m: int = 1
+    int8_activations: bool = True
+    int8_decode_max_m: int = 2
 
     def int8_supported(self, profile: fmt.LayerProfile) -> bool:
         """Whether the int8-activation decode can take ``profile``: no offsets, block size a
@@ -191,9 +205,28 @@ def native_bf16_gemm() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+#: Environment switch of the int8-activation decode for :data:`DEFAULT_CONFIG` ("0" / "1").
+INT8_ENV = "SAB_CPU_INT8_ACTIVATIONS"
+
+
+def config_from_env(env: Mapping[str, str] = os.environ) -> CpuKernelConfig:
+    """The default :class:`CpuKernelConfig` with ``int8_activations`` from ``SAB_CPU_INT8_ACTIVATIONS``.
+
+    Raises:
+        ValueError: the variable is set to something other than ``0``/``1``/``false``/``true``.
+    """
+    raw = env.get(INT8_ENV)
+    if raw is None or raw == "":
+        return CpuKernelConfig()
+    value = {"0": False, "false": False, "off": False, "1": True, "true": True, "on": True}.get(raw.strip().lower())
+    if value is None:
+        raise ValueError(f"{INT8_ENV}={raw!r}: expected 0 or 1 (int8 activations off / on)")
+    return CpuKernelConfig(int8_activations=value)
+
+
 #: The configuration used unless a caller passes another (benchmarks/kernels_cpu.py
 #: measures the decode/prefill crossover that sets ``decode_max_m``).
-DEFAULT_CONFIG = CpuKernelConfig()
+DEFAULT_CONFIG = config_from_env()
 
 
 def _build_dir(digest: str) -> Path:

@@ -22,6 +22,8 @@ from vllm_sab.kernels import chooser, cpu
 ISAS = cpu.available_isas()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 U32 = torch.finfo(torch.float32).eps / 2
+#: The default paths without int8 activations (those have their own tests below).
+EXACT = cpu.CpuKernelConfig(int8_activations=False)
 
 
 def test_extension_builds_here():
@@ -91,10 +93,10 @@ def test_linear_against_independent_reference(layers, case, dtype, isa):
     g = torch.Generator().manual_seed(case)
     for m in (1, 2, 3, 5, 8, 9, 16, 17, 40):
         x = torch.randn(m, k, generator=g).to(dtype)
-        y = cpu.cpu_linear(x, t, p, isa)
+        y = cpu.cpu_linear(x, t, p, isa, config=EXACT)
         assert y.dtype == dtype and y.shape == (m, n)
         y_ref = x.double() @ w_ref.t()
-        bound = _bound(x, w_ref, y_ref, dtype, _w_round(cpu.DEFAULT_CONFIG, m, dtype, p, isa))
+        bound = _bound(x, w_ref, y_ref, dtype, _w_round(EXACT, m, dtype, p, isa))
         err = (y.double() - y_ref).abs()
         assert bool((err <= bound).all()), f"M={m}: max error / bound {float((err / bound).max()):.3g}"
 
@@ -156,7 +158,8 @@ def test_bf16_decode_uses_bf16_rounded_weights(layers, case):
     to bfloat16 (the bf16 tiles' weights); the sign profile's +-1 keep it exact. Every M of
     the decode, with the row tiles' remainders (odd N in CASES)."""
     n, k, p, t, w_ref = layers[case]
-    cfg = cpu.CpuKernelConfig(decode_max_m=16, bf16_decode_min_m=1, bf16_weights=True)
+    cfg = cpu.CpuKernelConfig(decode_max_m=16, bf16_decode_min_m=1, bf16_weights=True,
+                              int8_activations=False)
     exact = cpu.is_sign_profile(p)
     w_used = w_ref if exact else w_ref.float().to(torch.bfloat16).double()
     g = torch.Generator().manual_seed(100 + case)
@@ -180,7 +183,8 @@ def test_bf16_decode_differs_from_exact_where_rounding_shows(layers):
     y_ref = x.double() @ w_ref.t()
     bound = _bound(x, w_ref, y_ref, torch.bfloat16, 0.0)
     for weights, inside in ((True, False), (False, True)):
-        cfg = cpu.CpuKernelConfig(decode_max_m=16, bf16_decode_min_m=1, bf16_weights=weights)
+        cfg = cpu.CpuKernelConfig(decode_max_m=16, bf16_decode_min_m=1, bf16_weights=weights,
+                                  int8_activations=False)
         y = cpu.cpu_linear(x, t, p, "avx512", config=cfg).double()
         assert bool(((y - y_ref).abs() <= bound).all()) is inside
 
@@ -503,7 +507,7 @@ def test_int8_decode_error_is_small_against_exact():
     t = random_layer(p, n, k, 7)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
     y = cpu.cpu_linear(x, t, p, "avx512", config=INT8_CFG).double()
-    exact = cpu.cpu_linear(x, t, p, "avx512").double()
+    exact = cpu.cpu_linear(x, t, p, "avx512", config=EXACT).double()
     rel = float((y - exact).norm() / exact.norm())
     assert 1e-5 < rel < 1e-2, rel
 
@@ -521,3 +525,29 @@ def test_int8_decode_refuses_what_it_cannot_take():
             module.linear(torch.randn(1, 384), *fmt.flat_layer(t, p), "", cpu.PATH_DECODE_INT8, 256, False)
     assert INT8_CFG.path(1, torch.float32, P8, True, False) != cpu.PATH_DECODE_INT8  # no VNNI
     assert cpu.CpuKernelConfig(int8_activations=False).path(1, torch.float32, P8, True, True) != cpu.PATH_DECODE_INT8
+
+
+def test_int8_switch_from_the_environment():
+    """SAB_CPU_INT8_ACTIVATIONS turns the int8 decode off or on for the default config; a
+    value that is neither is refused with the variable's name."""
+    assert cpu.config_from_env({}).int8_activations is True
+    assert cpu.config_from_env({cpu.INT8_ENV: "0"}).int8_activations is False
+    assert cpu.config_from_env({cpu.INT8_ENV: "true"}).int8_activations is True
+    with pytest.raises(ValueError, match="SAB_CPU_INT8_ACTIVATIONS='maybe'"):
+        cpu.config_from_env({cpu.INT8_ENV: "maybe"})
+
+
+@needs_int8_dot
+def test_default_decode_is_int8_at_m1_and_exact_without_it():
+    """The default config sends M <= 2 of the ARB-RC / SAB profile to the int8 decode (its
+    result is the int8 definition's, not the exact product), M = 3 to the exact kernels."""
+    n, k, p = INT8_CASES[0]
+    t = random_layer(p, n, k, 11)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(2))
+    for m in (1, 2):
+        assert cpu.DEFAULT_CONFIG.path(m, torch.float32, p, True, True) == cpu.PATH_DECODE_INT8
+    y_default = cpu.cpu_linear(x[:1], t, p, "avx512")
+    y_int8 = cpu.cpu_linear(x[:1], t, p, "avx512", config=INT8_CFG)
+    y_exact = cpu.cpu_linear(x[:1], t, p, "avx512", config=EXACT)
+    assert torch.equal(y_default, y_int8) and not torch.equal(y_default, y_exact)
+    assert cpu.DEFAULT_CONFIG.path(3, torch.float32, p, True, True) != cpu.PATH_DECODE_INT8
