@@ -22,6 +22,12 @@ backends, chosen from the CPU's flags at run time, never ``-march=native``):
   there and decodes this way up to ``sign_bf16_decode_max_m`` (16), the other
   profiles from ``bf16_decode_min_m`` (4). :meth:`CpuKernelConfig.path` is the
   table.
+* decode with int8 activations (``csrc/sab_kernels_int8.inc``, AVX512-VNNI), the
+  default for the profiles without offsets at ``M <= int8_decode_max_m`` (2): each
+  token's activations are quantized once per call per (block, scale slot), absmax /
+  127, and ``vpdpbusd`` sums +-q exactly in int32, 64 weights per instruction; row
+  scale times activation scale is applied once per block. ``int8_activations`` (or
+  ``SAB_CPU_INT8_ACTIVATIONS=0``) switches it off.
 * prefill, larger ``M``: rows of ``W_hat`` are dequantized into a tile of
   ``tile_rows`` rows (bfloat16 for bfloat16 activations on CPUs with a native
   bfloat16 dot product, float32 otherwise) and multiplied by torch's GEMM
@@ -35,7 +41,10 @@ Prefill with float32 tiles is exact in the same sense. With ``bf16_weights``
 bfloat16 tiles and the bfloat16 decode use ``W_hat`` rounded to bfloat16
 (round to nearest even), what a dense bfloat16 layer stores, with exact
 products and float32 accumulation; the sign profile's bfloat16 decode stays
-exact (+-1 times bfloat16 activations, row scale applied in float32).
+exact (+-1 times bfloat16 activations, row scale applied in float32). The int8
+decode is exact for its quantized activations (integer sums, float32 scaling) and
+differs from the exact paths by the activation quantization (at most d / 2 per
+activation, d = block absmax / 127).
 """
 
 from __future__ import annotations
