@@ -38,25 +38,19 @@ def native_linears(model: torch.nn.Module, ckpt: Path, config) -> torch.nn.Modul
         FormatError: ``ckpt`` is not a valid sab checkpoint.
         ValueError: a quantized module of the checkpoint is not in ``model``.
     """
-    from safetensors import safe_open
     import transformers
 
     from vllm_sab import format as fmt
     from vllm_sab.calibrate.models import adapter_for
+    from vllm_sab.calibrate.reference_model import read_checkpoint
     from vllm_sab.kernels import cpu
 
     qc = fmt.validate_checkpoint(ckpt)
     raw = json.loads((ckpt / "config.json").read_text())
     raw.pop("quantization_config", None)
     adapter = adapter_for(ckpt, transformers.AutoConfig.for_model(**raw))
-    packed: dict[str, dict[str, torch.Tensor]] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as fh:
-            for key in fh.keys():
-                mod, _, suffix = key.rpartition(".")
-                if mod in qc.modules and suffix in fmt.ALL_SUFFIXES:
-                    packed.setdefault(mod, {})[suffix] = fh.get_tensor(key).contiguous()
-    for mod, tensors in packed.items():
+    for mod, tensors in read_checkpoint(ckpt, qc)[1].items():
+        tensors = {suffix: t.contiguous() for suffix, t in tensors.items()}
         name = adapter.memory_name(f"{mod}.weight").removesuffix(".weight")
         linear = model.get_submodule(name)
         if not isinstance(linear, torch.nn.Linear):

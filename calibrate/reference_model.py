@@ -18,6 +18,30 @@ from vllm_sab import format as fmt
 from .models import adapter_for
 
 
+def read_checkpoint(
+    model_dir: Path, qc: fmt.SabQuantizationConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The tensors of a sab checkpoint's ``*.safetensors``, split by ``qc``.
+
+    Returns:
+        ``(other, packed)``: ``other`` maps checkpoint keys of the tensors that are not
+        format-v1 tensors of a quantized module (embeddings, norms, vision tower) to
+        themselves, as stored; ``packed`` maps each quantized module's checkpoint name to
+        ``{suffix: tensor}`` (``format.ALL_SUFFIXES``).
+    """
+    other: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            for key in fh.keys():
+                mod, _, suffix = key.rpartition(".")
+                if mod in qc.modules and suffix in fmt.ALL_SUFFIXES:
+                    packed.setdefault(mod, {})[suffix] = fh.get_tensor(key)
+                else:
+                    other[key] = fh.get_tensor(key)
+    return other, packed
+
+
 def load_dequantized(model_dir: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Build the transformers model of a sab checkpoint with dequantized dense weights.
 
@@ -48,16 +72,8 @@ def load_dequantized(model_dir: str | Path, dtype: torch.dtype | None = None) ->
         dtype = getattr(torch, name) if isinstance(name, str) else torch.float32
     cls = getattr(transformers, config.architectures[0])
 
-    state: dict[str, torch.Tensor] = {}
-    packed: dict[str, dict[str, torch.Tensor]] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as fh:
-            for key in fh.keys():
-                mod, _, suffix = key.rpartition(".")
-                if mod in qc.modules and suffix in fmt.ALL_SUFFIXES:
-                    packed.setdefault(mod, {})[suffix] = fh.get_tensor(key)
-                else:
-                    state[adapter.memory_name(key)] = fh.get_tensor(key).to(dtype)
+    state, packed = read_checkpoint(model_dir, qc)
+    state = {adapter.memory_name(key): t.to(dtype) for key, t in state.items()}
     for mod, tensors in packed.items():
         w_hat = fmt.dequantize(tensors, qc.profile_of(mod), where=mod).to(dtype)
         state[adapter.memory_name(f"{mod}.weight")] = w_hat
