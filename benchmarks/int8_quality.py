@@ -29,45 +29,6 @@ from quality import DEFAULT_MODEL, REPO, _run_calibration  # noqa: E402
 METHODS = ["sab", "arb-rc", "bivlm"]
 
 
-def native_linears(model: torch.nn.Module, ckpt: Path, config) -> torch.nn.Module:
-    """Route every quantized linear of ``model`` (loaded from ``ckpt`` with dense ``W_hat``)
-    through the native CPU kernels on the packed tensors with ``config``, 16 rows per call
-    (the int8 decode's largest M; its quantization is per row, so row chunks change nothing).
-
-    Raises:
-        FormatError: ``ckpt`` is not a valid sab checkpoint.
-        ValueError: a quantized module of the checkpoint is not in ``model``.
-    """
-    import transformers
-
-    from vllm_sab import format as fmt
-    from vllm_sab.calibrate.models import adapter_for
-    from vllm_sab.calibrate.reference_model import read_checkpoint
-    from vllm_sab.kernels import cpu
-
-    qc = fmt.validate_checkpoint(ckpt)
-    raw = json.loads((ckpt / "config.json").read_text())
-    raw.pop("quantization_config", None)
-    adapter = adapter_for(ckpt, transformers.AutoConfig.for_model(**raw))
-    for mod, tensors in read_checkpoint(ckpt, qc)[1].items():
-        tensors = {suffix: t.contiguous() for suffix, t in tensors.items()}
-        name = adapter.memory_name(f"{mod}.weight").removesuffix(".weight")
-        linear = model.get_submodule(name)
-        if not isinstance(linear, torch.nn.Linear):
-            raise ValueError(f"{ckpt}: {mod} is not a linear layer of the model ({type(linear).__name__})")
-        profile = qc.profile_of(mod)
-
-        def forward(x, tensors=tensors, profile=profile, bias=linear.bias):
-            flat = x.reshape(-1, x.shape[-1])
-            y = torch.cat([cpu.cpu_linear(flat[i : i + 16].contiguous(), tensors, profile, config=config)
-                           for i in range(0, flat.shape[0], 16)])
-            y = y.reshape(*x.shape[:-1], y.shape[-1])
-            return y + bias if bias is not None else y
-
-        linear.forward = forward
-    return model
-
-
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> str:
     """The results table as Markdown, written to ``path``; returns it."""
     lines = ["# Int8-activation decode: quality cost on the shipped model", "",
@@ -99,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoProcessor
 
     from vllm_sab.demo import shapesqa
+    from vllm_sab.calibrate.reference_model import load_native
     from vllm_sab.demo.evaluate import compare_distributions, load_transformers, transformers_answers
     from vllm_sab.kernels import cpu
 
@@ -117,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = work / method
         _run_calibration(["--model", args.model, "--output", str(ckpt), "--method", method, "--data", "builtin",
                           "--num-samples", str(args.num_samples), "--overwrite", "--no-progress"])
-        exact = native_linears(load_transformers(ckpt), ckpt, exact_cfg)
-        int8 = native_linears(load_transformers(ckpt), ckpt, int8_cfg)
+        exact = load_native(ckpt, exact_cfg, max_rows=16)
+        int8 = load_native(ckpt, int8_cfg, max_rows=16)
         t0 = time.perf_counter()
         row = {"method": method,
                "profile": json.loads((ckpt / "config.json").read_text())["quantization_config"]["profiles"],

@@ -3,6 +3,8 @@
 Every quantized linear gets ``W_hat`` from :func:`vllm_sab.format.dequantize`,
 so the model computes exactly what the packed checkpoint encodes. Tests compare
 vLLM serving the packed checkpoint against this model token by token.
+:func:`load_native` runs the quantized linears on the native CPU kernels instead
+(the kernels vLLM CPU serves with, int8 decode included).
 """
 
 from __future__ import annotations
@@ -94,3 +96,52 @@ def load_dequantized(model_dir: str | Path, dtype: torch.dtype | None = None) ->
         # reads them too, so greedy generation ends at the same token in both.
         model.generation_config = transformers.GenerationConfig.from_pretrained(model_dir)
     return model.to(dtype).eval()
+
+
+def load_native(model_dir: str | Path, config=None, max_rows: int | None = None) -> torch.nn.Module:
+    """:func:`load_dequantized` (float32), with every quantized linear computed by the native
+    CPU kernels on the checkpoint's packed tensors (``vllm_sab.kernels.cpu.cpu_linear``).
+
+    With the default ``config`` the calls take the paths vLLM CPU takes for the same number
+    of tokens (prefill tiles, decode kernels, the int8 decode at M <= 2), so greedy tokens
+    can be compared with vLLM's.
+
+    Args:
+        model_dir: a sab checkpoint folder.
+        config: a ``CpuKernelConfig`` (default: the kernels' default, read at each call).
+        max_rows: if set, each call is split into chunks of at most this many token rows
+            (e.g. 16 with ``int8_decode_max_m=16``: every row on the int8 decode).
+
+    Raises:
+        FormatError: the checkpoint is not valid format v1.
+        ValueError: a quantized module is missing from the model or is not an ``nn.Linear``.
+        RuntimeError: (at the first forward) the native kernels are not built.
+    """
+    import transformers
+
+    from vllm_sab.kernels import cpu
+
+    model_dir = Path(model_dir)
+    model = load_dequantized(model_dir, torch.float32)
+    qc = fmt.validate_checkpoint(model_dir)
+    raw = json.loads((model_dir / "config.json").read_text())
+    raw.pop("quantization_config", None)
+    adapter = adapter_for(model_dir, transformers.AutoConfig.for_model(**raw))
+    for mod, tensors in read_checkpoint(model_dir, qc)[1].items():
+        name = adapter.memory_name(f"{mod}.weight").removesuffix(".weight")
+        linear = model.get_submodule(name)
+        if not isinstance(linear, torch.nn.Linear):
+            raise ValueError(f"{model_dir}: {mod} is not a linear layer of the model ({type(linear).__name__})")
+        tensors = {suffix: t.contiguous() for suffix, t in tensors.items()}
+        profile = qc.profile_of(mod)
+
+        def forward(x, tensors=tensors, profile=profile, bias=linear.bias):
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            step = max_rows or max(flat.shape[0], 1)
+            y = torch.cat([cpu.cpu_linear(flat[i : i + step], tensors, profile, config=config)
+                           for i in range(0, max(flat.shape[0], 1), step)])
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+            return y + bias if bias is not None else y
+
+        linear.forward = forward
+    return model

@@ -336,7 +336,7 @@ def cpu_linear(
     tensors: Mapping[str, torch.Tensor],
     profile: fmt.LayerProfile,
     isa: str = "",
-    config: CpuKernelConfig = DEFAULT_CONFIG,
+    config: CpuKernelConfig | None = None,
 ) -> torch.Tensor:
     """``y = x @ W_hat^T`` for one sab layer on CPU with the native kernels (no bias).
 
@@ -346,7 +346,8 @@ def cpu_linear(
             CPU tensors already validated (values are not re-read here).
         profile: the layer's storage profile.
         isa: ``"avx512"``, ``"avx2"``, ``"scalar"`` or ``""`` (best available).
-        config: decode / prefill parameters.
+        config: decode / prefill parameters (default: :data:`DEFAULT_CONFIG`, read at
+            each call).
 
     Returns:
         ``[M, N]`` in ``x.dtype``.
@@ -358,6 +359,7 @@ def cpu_linear(
     module = extension()
     if module is None:
         raise RuntimeError(f"vllm_sab native CPU kernels are not available: {build_error()}")
+    config = DEFAULT_CONFIG if config is None else config
     avx512 = (isa or available_isas()[0]) == "avx512"
     path = config.path(x.shape[0] if x.dim() == 2 else 0, x.dtype, profile,
                        has_bf16_dot() and avx512, has_int8_dot() and avx512)

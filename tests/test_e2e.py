@@ -2,7 +2,10 @@
 
 Every test compares vLLM serving the packed checkpoint with an independent
 reference: transformers running the same model with the checkpoint's weights
-dequantized by the format's reference (``format.dequantize``).
+dequantized by the format's reference (``format.dequantize``). Those tests pin the
+native CPU kernels to their exact paths (no int8 activations: ``exact_cpu_kernels``);
+the int8 decode, on by default, is compared with transformers running the same native
+kernels (``test_int8_decode_served_by_vllm_matches_native_transformers``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,18 @@ class AllPartsMethod(Method):
             col_scale=(0.75 + 0.5 * torch.rand(p.num_slots, k, generator=g)).half(),
             offset=(0.1 * mag * torch.randn(n, nb, p.num_zones, generator=g)).half(),
         )
+
+
+@pytest.fixture(autouse=True)
+def exact_cpu_kernels(monkeypatch):
+    """The native CPU kernels without int8 activations (the exact paths), in this process
+    (vLLM's engine runs here: VLLM_ENABLE_V1_MULTIPROCESSING=0) and in any child."""
+    import dataclasses
+
+    from vllm_sab.kernels import cpu
+
+    monkeypatch.setenv(cpu.INT8_ENV, "0")
+    monkeypatch.setattr(cpu, "DEFAULT_CONFIG", dataclasses.replace(cpu.DEFAULT_CONFIG, int8_activations=False))
 
 
 @pytest.fixture
@@ -248,3 +263,39 @@ def test_tensor_parallel_2_on_cpu_matches_tp1(tiny_vlm, tmp_path, all_parts_meth
         assert proc.returncode == 0 and lines, f"TP={tp} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
         tokens[tp] = json.loads(lines[-1][len("TOKENS "):])
     assert tokens[1] and tokens[2] == tokens[1] == hf_greedy(load_dequantized(ckpt, torch.float32), ckpt)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("method", ["sab", "bivlm"])
+def test_int8_decode_served_by_vllm_matches_native_transformers(tiny_vlm, make_llm, tmp_path, monkeypatch, method):
+    """With the default int8 decode, vLLM's greedy tokens equal transformers running the same
+    native kernels (reference_model.load_native: prefill tiles, int8 decode at M = 1), and
+    the int8 path really served vLLM's decode steps. (Against the exact path the tiny random
+    model, whose logits are nearly tied, may differ in a token: that cost is measured on the
+    shipped model, benchmarks/results/int8_quality.md.)"""
+    import dataclasses
+
+    from vllm_sab.calibrate.reference_model import load_native
+    from vllm_sab.kernels import cpu
+
+    if not cpu.has_int8_dot():
+        pytest.skip("this CPU has no AVX512-VNNI: the int8 decode does not run here")
+    monkeypatch.setenv(cpu.INT8_ENV, "1")
+    monkeypatch.setattr(cpu, "DEFAULT_CONFIG", dataclasses.replace(cpu.DEFAULT_CONFIG, int8_activations=True))
+    ckpt = calibrate(tiny_vlm("llava"), tmp_path / "sab", method=method, data="builtin", num_samples=6,
+                     max_seq_len=256, progress=False)
+    paths: list[int] = []
+    real = cpu.cpu_linear
+
+    def recorded(x, tensors, profile, isa="", config=None):
+        cfg = cpu.DEFAULT_CONFIG if config is None else config
+        paths.append(cfg.path(x.shape[0], x.dtype, profile, cpu.has_bf16_dot(), cpu.has_int8_dot()))
+        return real(x, tensors, profile, isa, config)
+
+    monkeypatch.setattr(cpu, "cpu_linear", recorded)
+    served = vllm_greedy(make_llm(ckpt, quantization="sab"), ckpt)
+    assert cpu.PATH_DECODE_INT8 in paths, f"vLLM's sab calls took paths {sorted(set(paths))}"
+    monkeypatch.setattr(cpu, "cpu_linear", real)
+    reference = hf_greedy(load_native(ckpt), ckpt)
+    assert len(served) > 0
+    assert served == reference
