@@ -87,14 +87,16 @@ void check_tensor(const c10::optional<torch::Tensor>& t, const char* name, c10::
 
 // Checks the layer's tensors against its profile (dtype, device, layout; O(1), no value
 // reads: values were validated once at load time) and views them for the kernels.
-// col32 receives the float32 copy of the column scales the view points at.
+// col32 receives the float32 copy of the column scales the view points at, made only when
+// `col32_needed` (the int8 decode reads the float16 ones: converting [T, K] on every call
+// was most of a small layer's call time, ~8 us of 19 at 16 x 4096).
 LayerView make_view(const torch::Tensor& packed, const c10::optional<torch::Tensor>& zone,
                     const c10::optional<torch::Tensor>& residual,
                     const c10::optional<torch::Tensor>& perm, const torch::Tensor& scale,
                     const c10::optional<torch::Tensor>& col_scale,
                     const c10::optional<torch::Tensor>& offset, int64_t block, int64_t zone_bits,
                     int64_t salient, bool salient_zoned, bool col_scaled, bool has_offset,
-                    torch::Tensor& col32) {
+                    torch::Tensor& col32, bool col32_needed = true) {
   TORCH_CHECK(packed.dim() == 2, "sab_cpu.linear: weight_packed must be [N, K/32]");
   TORCH_CHECK(block > 0 && block % 32 == 0 && (packed.size(1) * 32) % block == 0,
               "sab_cpu.linear: block size ", block, " must be a multiple of 32 dividing K=",
@@ -122,8 +124,11 @@ LayerView make_view(const torch::Tensor& packed, const c10::optional<torch::Tens
   L.residual = residual ? residual->data_ptr<uint8_t>() : nullptr;
   L.scale = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   if (col_scaled) {
-    col32 = col_scale->to(torch::kFloat).contiguous();
-    L.col_scale = col32.data_ptr<float>();
+    L.col_scale_h = reinterpret_cast<const uint16_t*>(col_scale->data_ptr<at::Half>());
+    if (col32_needed) {
+      col32 = col_scale->to(torch::kFloat).contiguous();
+      L.col_scale = col32.data_ptr<float>();
+    }
   }
   L.offset = offset ? reinterpret_cast<const uint16_t*>(offset->data_ptr<at::Half>()) : nullptr;
   return L;
@@ -164,9 +169,15 @@ torch::Tensor decode_activations(const torch::Tensor& x, const c10::optional<tor
     const in_t* in = xc.data_ptr<in_t>();
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "sab_gather_out", [&] {
       scalar_t* out = xs.data_ptr<scalar_t>();
+      // Block by block: a division per element made this gather most of a small layer's
+      // call (perf: 15 % of a 16 x 4096 int8 decode call, the kernel itself 6 %).
       for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < k; ++j)
-          out[i * k + j] = static_cast<scalar_t>(in[i * k + (j / block) * block + pp[j]]);
+        for (int64_t j0 = 0; j0 < k; j0 += block) {
+          const in_t* ib = in + i * k + j0;
+          scalar_t* ob = out + i * k + j0;
+          const int16_t* pb = pp + j0;
+          for (int64_t c = 0; c < block; ++c) ob[c] = static_cast<scalar_t>(ib[pb[c]]);
+        }
     });
   });
   return xs;
@@ -188,7 +199,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
               "sab_cpu.linear: x must be float32, bfloat16 or float16, got ", c10::toString(xt));
   torch::Tensor col32;
   const LayerView L = make_view(packed, zone, residual, perm, scale, col_scale, offset, block,
-                                zone_bits, salient, salient_zoned, col_scaled, has_offset, col32);
+                                zone_bits, salient, salient_zoned, col_scaled, has_offset, col32,
+                                path != 3);
   const int64_t m = x.size(0), k = x.size(1), n = L.n;
   TORCH_CHECK(k == L.k, "sab_cpu.linear: x has K=", k, " input features, the layer has K=", L.k);
   const IsaOps* ops = isa_ops(isa);

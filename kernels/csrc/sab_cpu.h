@@ -17,7 +17,9 @@ struct LayerView {
   const uint8_t* zone = nullptr;      // zone planes: int32 [N, zone_bits, K/32] as bytes
   const uint8_t* residual = nullptr;  // uint8 [N, K/B, ceil(s/8)]
   const uint16_t* scale = nullptr;    // float16 bits [N, K/B, T]
-  const float* col_scale = nullptr;   // float32 [T, K] (the binding converts the fp16 tensor)
+  const float* col_scale = nullptr;   // float32 [T, K] (the binding converts the fp16 tensor;
+                                      // nullptr on the int8 decode, which reads col_scale_h)
+  const uint16_t* col_scale_h = nullptr;  // float16 bits [T, K]
   const uint16_t* offset = nullptr;   // float16 bits [N, K/B, Z]
 };
 
