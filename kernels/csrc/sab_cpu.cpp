@@ -216,33 +216,28 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
   TORCH_CHECK(path == 0 || m <= sab_cpu::kMaxDecodeM, "sab_cpu.linear: the decode takes at most ",
               sab_cpu::kMaxDecodeM, " rows, got M=", m);
   const bool bf16 = bf16_weights && xt == torch::kBFloat16;
-  if (path == 3) {
+  if (path != 0) {
     const sab_cpu::Int8Decode* q8 = sab_cpu::avx512vnni_int8();
-    TORCH_CHECK(has_int8_dot() && std::string(ops->name) == "avx512" && q8->supports(L),
+    TORCH_CHECK(path != 3 || (has_int8_dot() && std::string(ops->name) == "avx512" && q8->supports(L)),
                 "sab_cpu.linear: the int8 decode needs the avx512 instruction set on a CPU with "
                 "AVX512-VNNI and a profile without offsets whose block size is a multiple of 64 "
                 "(not the sign profile)");
-    const auto xs = decode_activations(x, perm, block, m, torch::kFloat);
-    auto buf = torch::empty({q8->act_bytes(L, m)}, torch::kByte);
-    uint8_t* bp = buf.data_ptr<uint8_t>();
-    q8->quantize(L, xs.data_ptr<float>(), m, bp);
-    auto y = torch::zeros({m, n}, torch::kFloat);
-    float* yp = y.data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
-    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { q8->gemv(L, bp, m, yp, n, n0, n1); });
-    return xt == torch::kFloat ? y : y.to(xt);
-  }
-  if (path != 0) {
-    TORCH_CHECK(path == 1 || (xt == torch::kBFloat16 && has_bf16_dot() &&
+    TORCH_CHECK(path != 2 || (xt == torch::kBFloat16 && has_bf16_dot() &&
                               std::string(ops->name) == "avx512"),
                 "sab_cpu.linear: the bfloat16 decode needs bfloat16 activations (got ",
                 c10::toString(xt), ") and the avx512 instruction set on a CPU with AVX512-BF16");
-    const int64_t mt = sab_cpu::decode_tile(m);
+    // The int8 decode quantizes exactly the m rows; the others read a zero-padded tile.
+    const int64_t mt = path == 3 ? m : sab_cpu::decode_tile(m);
     const auto xs = decode_activations(x, perm, block, mt, path == 2 ? torch::kBFloat16 : torch::kFloat);
     auto y = torch::zeros({m, n}, torch::kFloat);  // the kernels add K panels into it
     float* yp = y.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
-    if (path == 2) {
+    if (path == 3) {
+      auto buf = torch::empty({q8->act_bytes(L, m)}, torch::kByte);
+      uint8_t* bp = buf.data_ptr<uint8_t>();
+      q8->quantize(L, xs.data_ptr<float>(), m, bp);
+      at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { q8->gemv(L, bp, m, yp, n, n0, n1); });
+    } else if (path == 2) {
       const auto gemv = sab_cpu::avx512bf16_gemv();
       const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>());
       at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { gemv(L, xp, m, yp, n, n0, n1); });
