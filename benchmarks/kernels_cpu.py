@@ -151,8 +151,8 @@ def run(shapes, ms, profiles, min_seconds: float) -> dict:
                 t = time_cycle(lambda tt: kern.run(x, tt, p), copies, min_seconds)
                 row["profiles"][name] = {
                     "profile": p.key, "kernel": kern.name,
-                    "path": PATH_NAMES[cpu.DEFAULT_CONFIG.path(m, torch.bfloat16, p, cpu.has_bf16_dot(), cpu.has_int8_dot())]
-                    if kern.name == "cpu-avx512" else None,
+                    "path": PATH_NAMES[cpu.kernel_path(m, torch.bfloat16, p, kern.name.removeprefix("cpu-"))]
+                    if kern.name.startswith("cpu-") else None,
                     "true_bits": fmt.true_bits_per_weight(p, n, k),
                     "ms": t * 1e3, "speedup_vs_bf16": t16 / t, "speedup_vs_fp32": t32 / t,
                     "gbps": nbytes(copies[0]) / t / 1e9,

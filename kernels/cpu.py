@@ -75,6 +75,8 @@ HEADERS = ("sab_cpu.h", "avx512_backend.inc", "sab_kernels.inc", "sab_kernels_bf
 PATH_TILES, PATH_DECODE_F32, PATH_DECODE_BF16, PATH_DECODE_INT8 = 0, 1, 2, 3
 #: Most activation rows the decode kernels take (sab_cpu::kMaxDecodeM).
 MAX_DECODE_M = 16
+#: Largest block size the int8 decode takes (csrc/sab_kernels_int8.inc kInt8MaxBlock).
+INT8_MAX_BLOCK = 4096
 
 
 def is_sign_profile(profile: fmt.LayerProfile) -> bool:
@@ -143,9 +145,10 @@ class CpuKernelConfig:
 
     def int8_supported(self, profile: fmt.LayerProfile) -> bool:
         """Whether the int8-activation decode can take ``profile``: no offsets, block size a
-        multiple of 64, not the sign profile (csrc/sab_kernels_int8.inc ``int8_supports``)."""
-        return (not profile.offset and profile.block_size % 64 == 0 and not is_sign_profile(profile)
-                and profile.num_slots <= 16)
+        multiple of 64 up to :data:`INT8_MAX_BLOCK`, not the sign profile (the same test as
+        csrc/sab_kernels_int8.inc ``int8_supports``, which the binding applies again)."""
+        return (not profile.offset and profile.block_size % 64 == 0 and profile.block_size <= INT8_MAX_BLOCK
+                and not is_sign_profile(profile) and profile.num_slots <= 16)
 
     def use_bf16_weights(self, dtype: torch.dtype) -> bool:
         """Whether activations of ``dtype`` meet bfloat16-rounded weights (see ``bf16_weights``)."""
@@ -331,6 +334,20 @@ def has_bf16_dot() -> bool:
     return bool(module.has_bf16_dot()) if module is not None else False
 
 
+def kernel_path(m: int, dtype: torch.dtype, profile: fmt.LayerProfile, isa: str = "",
+                config: CpuKernelConfig | None = None) -> int:
+    """The ``PATH_*`` :func:`cpu_linear` takes for ``m`` rows of ``dtype`` activations on
+    instruction set ``isa`` (``""``: the best available) with ``config`` (default
+    :data:`DEFAULT_CONFIG`): :meth:`CpuKernelConfig.path` with this CPU's dot-product decodes.
+
+    Raises:
+        IndexError: ``isa`` is ``""`` and the extension is not built (no instruction set).
+    """
+    config = DEFAULT_CONFIG if config is None else config
+    avx512 = (isa or available_isas()[0]) == "avx512"
+    return config.path(m, dtype, profile, has_bf16_dot() and avx512, has_int8_dot() and avx512)
+
+
 def cpu_linear(
     x: torch.Tensor,
     tensors: Mapping[str, torch.Tensor],
@@ -360,9 +377,7 @@ def cpu_linear(
     if module is None:
         raise RuntimeError(f"vllm_sab native CPU kernels are not available: {build_error()}")
     config = DEFAULT_CONFIG if config is None else config
-    avx512 = (isa or available_isas()[0]) == "avx512"
-    path = config.path(x.shape[0] if x.dim() == 2 else 0, x.dtype, profile,
-                       has_bf16_dot() and avx512, has_int8_dot() and avx512)
+    path = kernel_path(x.shape[0] if x.dim() == 2 else 0, x.dtype, profile, isa, config)
     return module.linear(
         x, *fmt.flat_layer(tensors, profile), isa, path,
         config.tile_rows(x.shape[-1], x.dtype), config.use_bf16_weights(x.dtype),

@@ -523,6 +523,9 @@ def test_int8_decode_refuses_what_it_cannot_take():
         t = random_layer(p, 8, 384, 0)
         with pytest.raises(RuntimeError, match="int8 decode needs"):
             module.linear(torch.randn(1, 384), *fmt.flat_layer(t, p), "", cpu.PATH_DECODE_INT8, 256, False)
+    # a block larger than the kernel's stack buffer (INT8_MAX_BLOCK) stays on the exact decode
+    assert INT8_CFG.path(1, torch.float32, fmt.LayerProfile(2 * cpu.INT8_MAX_BLOCK, zone_bits=1), True, True) \
+        != cpu.PATH_DECODE_INT8
     assert INT8_CFG.path(1, torch.float32, P8, True, False) != cpu.PATH_DECODE_INT8  # no VNNI
     assert cpu.CpuKernelConfig(int8_activations=False).path(1, torch.float32, P8, True, True) != cpu.PATH_DECODE_INT8
 

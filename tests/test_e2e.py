@@ -288,8 +288,7 @@ def test_int8_decode_served_by_vllm_matches_native_transformers(tiny_vlm, make_l
     real = cpu.cpu_linear
 
     def recorded(x, tensors, profile, isa="", config=None):
-        cfg = cpu.DEFAULT_CONFIG if config is None else config
-        paths.append(cfg.path(x.shape[0], x.dtype, profile, cpu.has_bf16_dot(), cpu.has_int8_dot()))
+        paths.append(cpu.kernel_path(x.shape[0], x.dtype, profile, isa, config))
         return real(x, tensors, profile, isa, config)
 
     monkeypatch.setattr(cpu, "cpu_linear", recorded)
