@@ -20,7 +20,7 @@ from vllm_sab import format as fmt
 from .models import adapter_for
 
 
-def read_checkpoint(
+def _read_checkpoint(
     model_dir: Path, qc: fmt.SabQuantizationConfig
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """The tensors of a sab checkpoint's ``*.safetensors``, split by ``qc``.
@@ -61,9 +61,15 @@ def load_dequantized(model_dir: str | Path, dtype: torch.dtype | None = None) ->
         FormatError: the checkpoint is not valid format v1.
         ValueError: a tensor of the model is missing from the checkpoint.
     """
+    return _build(Path(model_dir), dtype)[0]
+
+
+def _build(model_dir: Path, dtype: torch.dtype | None):
+    """:func:`load_dequantized`'s model, with what it read: ``(model, qc, adapter, packed)``
+    (``packed``: ``{checkpoint module name: {suffix: tensor}}``), so :func:`load_native`
+    reads and validates the checkpoint once."""
     import transformers
 
-    model_dir = Path(model_dir)
     qc = fmt.validate_checkpoint(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
     raw.pop("quantization_config", None)
@@ -74,7 +80,7 @@ def load_dequantized(model_dir: str | Path, dtype: torch.dtype | None = None) ->
         dtype = getattr(torch, name) if isinstance(name, str) else torch.float32
     cls = getattr(transformers, config.architectures[0])
 
-    state, packed = read_checkpoint(model_dir, qc)
+    state, packed = _read_checkpoint(model_dir, qc)
     state = {adapter.memory_name(key): t.to(dtype) for key, t in state.items()}
     for mod, tensors in packed.items():
         w_hat = fmt.dequantize(tensors, qc.profile_of(mod), where=mod).to(dtype)
@@ -95,7 +101,7 @@ def load_dequantized(model_dir: str | Path, dtype: torch.dtype | None = None) ->
         # The checkpoint's stop tokens (e.g. Qwen's [im_end, endoftext]); vLLM
         # reads them too, so greedy generation ends at the same token in both.
         model.generation_config = transformers.GenerationConfig.from_pretrained(model_dir)
-    return model.to(dtype).eval()
+    return model.to(dtype).eval(), qc, adapter, packed
 
 
 def load_native(model_dir: str | Path, config=None, max_rows: int | None = None) -> torch.nn.Module:
@@ -117,17 +123,11 @@ def load_native(model_dir: str | Path, config=None, max_rows: int | None = None)
         ValueError: a quantized module is missing from the model or is not an ``nn.Linear``.
         RuntimeError: (at the first forward) the native kernels are not built.
     """
-    import transformers
-
     from vllm_sab.kernels import cpu
 
     model_dir = Path(model_dir)
-    model = load_dequantized(model_dir, torch.float32)
-    qc = fmt.validate_checkpoint(model_dir)
-    raw = json.loads((model_dir / "config.json").read_text())
-    raw.pop("quantization_config", None)
-    adapter = adapter_for(model_dir, transformers.AutoConfig.for_model(**raw))
-    for mod, tensors in read_checkpoint(model_dir, qc)[1].items():
+    model, qc, adapter, packed = _build(model_dir, torch.float32)
+    for mod, tensors in packed.items():
         name = adapter.memory_name(f"{mod}.weight").removesuffix(".weight")
         linear = model.get_submodule(name)
         if not isinstance(linear, torch.nn.Linear):
