@@ -527,6 +527,8 @@ def test_int8_decode_refuses_what_it_cannot_take():
     assert INT8_CFG.path(1, torch.float32, fmt.LayerProfile(2 * cpu.INT8_MAX_BLOCK, zone_bits=1), True, True) \
         != cpu.PATH_DECODE_INT8
     assert INT8_CFG.path(1, torch.float32, P8, True, False) != cpu.PATH_DECODE_INT8  # no VNNI
+    for isa in ISAS[1:]:  # AVX2 / scalar hosts (forced here) take the exact decode
+        assert cpu.kernel_path(1, torch.float32, P8, isa, INT8_CFG) == cpu.PATH_DECODE_F32
     assert cpu.CpuKernelConfig(int8_activations=False).path(1, torch.float32, P8, True, True) != cpu.PATH_DECODE_INT8
 
 
